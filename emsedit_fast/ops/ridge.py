@@ -1,0 +1,104 @@
+"""Public ridge least-squares ops (reference: emsedit_fast.reference.ridge).
+
+`form="auto"` picks the dual (n x n) system while n < d_in and the primal (d_in x d_in) one otherwise
+(METHOD.md section 7.5). Fast backends factor the SPD system with a batched Cholesky and fall back to fp64, then
+LU, when a pivot fails; the reference solves with LU as published.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from emsedit_fast import _ext
+from emsedit_fast import reference
+from emsedit_fast.ops import _checks
+from emsedit_fast.ops import _registry
+from emsedit_fast.ops._dispatch import select
+
+FORMS = ("auto", "dual", "primal")
+
+
+def choose_form(n_rows: int, d_in: int, form: str = "auto") -> str:
+    """'dual' when n_rows < d_in, else 'primal' (or `form` itself when it is not 'auto')."""
+    if form not in FORMS:
+        raise ValueError(f"emsedit_fast.ridge_solve: form must be one of {FORMS}, got {form!r}")
+    if form != "auto":
+        return form
+    return "dual" if n_rows < d_in else "primal"
+
+
+def _autograd(backward_op):
+    def setup_context(ctx, inputs, output):
+        keys, targets, log_ridge, form = inputs
+        ctx.save_for_backward(keys, output, log_ridge)
+        ctx.form = form
+
+    def backward(ctx, grad_solution):
+        keys, solution, log_ridge = ctx.saved_tensors
+        grad_targets, grad_log_ridge = backward_op(grad_solution.contiguous(), keys, solution, log_ridge, ctx.form)
+        return None, grad_targets, grad_log_ridge, None
+
+    return backward, setup_context
+
+
+def _triton_forward(*args):
+    import emsedit_fast.kernels.ridge  # noqa: F401  (registers the triton ops)
+
+    _registry.register_autograd("emsedit_fast::triton_ridge_solve",
+                                *_autograd(_registry.triton("ridge", "ridge_solve_backward")))
+    return torch.ops.emsedit_fast.triton_ridge_solve(*args)
+
+
+if _ext.load_error() is None:
+    _registry.register_autograd("emsedit_fast::ridge_solve", *_autograd(_registry.cpp("ridge_solve_backward")))
+
+_FORWARD = {
+    "reference": reference.ridge_solve,
+    "cpp": _registry.cpp("ridge_solve"),
+    "triton": _triton_forward,
+}
+_BACKWARD = {
+    "reference": reference.ridge_solve_backward,
+    "cpp": _registry.cpp("ridge_solve_backward"),
+    "triton": _registry.triton("ridge", "ridge_solve_backward"),
+}
+
+
+def _check(op, keys, log_ridge):
+    _checks.check(keys.dim() == 3, op, f"keys must be (layers, n, d_in), got {_checks.shape(keys)}")
+    _checks.check(log_ridge.shape == (keys.shape[0],), op,
+                  f"log_ridge must be ({keys.shape[0]},), got ({_checks.shape(log_ridge)})")
+    _checks.check(keys.dtype in (torch.float32, torch.float64), op, f"keys must be fp32 or fp64, got {keys.dtype}")
+
+
+def ridge_solve(keys: torch.Tensor, targets: torch.Tensor, log_ridge: torch.Tensor, form: str = "auto", *,
+                backend: str | None = None) -> torch.Tensor:
+    """Ridge solve for every layer: dual M = (K K^T + e^lr I)^-1 V, or primal S = (K^T K + e^lr I)^-1 K^T V.
+
+    keys: (L, n, d_in), targets: (L, n, d_out), log_ridge: (L,); fp32 (fp64 accepted). Returns M (L, n, d_out) for
+    the dual form, S (L, d_in, d_out) for the primal; dW_l = M_l^T K_l = S_l^T. Differentiable in targets and
+    log_ridge (keys are constants). Reference: emsedit_fast.reference.ridge_solve.
+    """
+    op = "ridge_solve"
+    _check(op, keys, log_ridge)
+    _checks.check(targets.dim() == 3 and targets.shape[:2] == keys.shape[:2], op,
+                  f"targets must be (L, n, d_out) with (L, n) = {tuple(keys.shape[:2])}, got {_checks.shape(targets)}")
+    form = choose_form(keys.shape[1], keys.shape[2], form)
+    _, fn = select(op, _FORWARD, (keys, targets), backend)
+    return fn(keys.contiguous(), targets.contiguous(), log_ridge, form)
+
+
+def ridge_solve_backward(grad_solution: torch.Tensor, keys: torch.Tensor, solution: torch.Tensor,
+                         log_ridge: torch.Tensor, form: str = "auto", *,
+                         backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/dtargets (L, n, d_out), dL/dlog_ridge (L,)) from dL/dsolution (METHOD.md section 8.2).
+
+    In the dual form dL/dM = K G^T for G = dL/dW; in the primal form dL/dS = G^T.
+    Reference: emsedit_fast.reference.ridge_solve_backward.
+    """
+    op = "ridge_solve_backward"
+    _check(op, keys, log_ridge)
+    form = choose_form(keys.shape[1], keys.shape[2], form)
+    _checks.check(grad_solution.shape == solution.shape, op, "grad_solution must match solution")
+    _, fn = select(op, _BACKWARD, (keys, solution), backend)
+    return fn(grad_solution.contiguous(), keys.contiguous(), solution.contiguous(), log_ridge, form)

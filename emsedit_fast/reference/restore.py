@@ -1,0 +1,16 @@
+"""Exact restore of edited weights from snapshots (METHOD.md section 7.6).
+
+Reverting by subtracting the delta again is not exact in low precision (round(round(W + d) - d) != W in bf16), so
+every revert copies bytes back from a snapshot taken before the edit.
+"""
+
+import torch
+
+
+def restore_(weights: list[torch.Tensor], snapshots: list[torch.Tensor]) -> None:
+    """weights[l] <- snapshots[l] bit for bit, for every l, in place.
+
+    weights: L tensors, any dtype. Mutated. snapshots: L tensors of the same shapes and dtypes (any device).
+    """
+    for w, snap in zip(weights, snapshots):
+        w.copy_(snap)
