@@ -1,0 +1,122 @@
+"""Tolerances and comparison helpers shared by the tests and the benchmarks' correctness gates.
+
+Rules (DESIGN.md section 6.2):
+    fp64                    rtol 1e-7, atol 1e-7
+    fp32, short reductions  rtol 1.3e-6, atol 1e-5 (torch defaults)
+    fp32, long reductions   rtol 1e-5, atol 1e-4 (GEMMs with K >= 1024, solves)
+    bf16, fp16, TF32 dots   the relative rule: the fast result may be at most twice as far from an fp64 oracle as the
+                            same-dtype reference, plus a floor (bf16 1e-3, fp16 1e-4, fp32 1e-5)
+Metrics (argmax based) must match exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TOLERANCES = {
+    (torch.float64, "elementwise"): (1e-7, 1e-7),
+    (torch.float64, "reduction"): (1e-7, 1e-7),
+    (torch.float32, "elementwise"): (1.3e-6, 1e-5),
+    (torch.float32, "reduction"): (1e-5, 1e-4),
+}
+RELATIVE_RULE_FLOOR = {torch.bfloat16: 1e-3, torch.float16: 1e-4, torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def _mismatch_report(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float, label: str) -> str:
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    nan_mismatch = int((a.isnan() != e.isnan()).sum())
+    inf_mismatch = int((a.isinf() != e.isinf()).sum())
+    diff = (a - e).abs()
+    bad = diff > atol + rtol * e.abs()
+    bad = bad | (a.isnan() != e.isnan())
+    n_bad = int(bad.sum())
+    lines = [f"[{label}] {n_bad} of {a.numel()} elements mismatch (rtol={rtol:g}, atol={atol:g}); "
+             f"max abs diff {diff.nan_to_num(0).max().item() if diff.numel() else 0:.3e}; "
+             f"NaN mismatches {nan_mismatch}, inf mismatches {inf_mismatch}"]
+    if n_bad:
+        flat = bad.flatten().nonzero().squeeze(1)[:5]
+        for i in flat.tolist():
+            pos = tuple(int(x) for x in torch.unravel_index(torch.tensor(i), a.shape))
+            lines.append(f"  at {pos}: actual {a.flatten()[i].item():.8g}, expected {e.flatten()[i].item():.8g}")
+    return "\n".join(lines)
+
+
+def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor, *, kind: str = "elementwise",
+                              label: str = "", dtype: torch.dtype | None = None) -> None:
+    """Compare with the table above for fp32/fp64 (kind: 'elementwise' or 'reduction')."""
+    dtype = dtype or expected.dtype
+    if (dtype, kind) not in TOLERANCES:
+        raise ValueError(f"no fixed tolerance for {dtype}/{kind}: use assert_relative_rule")
+    assert actual.shape == expected.shape, f"[{label}] shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    rtol, atol = TOLERANCES[(dtype, kind)]
+    ok = torch.allclose(actual.detach().double().cpu(), expected.detach().double().cpu(), rtol=rtol, atol=atol,
+                        equal_nan=True)
+    assert ok, _mismatch_report(actual, expected, rtol, atol, label)
+
+
+def assert_relative_rule(fast: torch.Tensor, ref_same_dtype: torch.Tensor, oracle: torch.Tensor, *,
+                         dtype: torch.dtype, label: str = "") -> None:
+    """|fast - oracle|_max <= 2 |ref - oracle|_max + floor(dtype): the fast path is no worse than twice the reference."""
+    assert fast.shape == oracle.shape, f"[{label}] shape {tuple(fast.shape)} != {tuple(oracle.shape)}"
+    o = oracle.detach().double().cpu()
+    err_fast = (fast.detach().double().cpu() - o).abs().max().item() if o.numel() else 0.0
+    err_ref = (ref_same_dtype.detach().double().cpu() - o).abs().max().item() if o.numel() else 0.0
+    floor = RELATIVE_RULE_FLOOR[dtype]
+    assert err_fast <= 2 * err_ref + floor, f"[{label}] {err_fast:.3e} > 2 x {err_ref:.3e} + {floor:g}"
+
+
+def assert_ulp_close(actual: torch.Tensor, expected: torch.Tensor, *, ulps: int = 1, label: str = "") -> None:
+    """Low-precision results within `ulps` units in the last place of their own dtype (bit-pattern distance)."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, f"[{label}] dtype/shape mismatch"
+    int_dtype = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[actual.dtype]
+    a = actual.detach().cpu().contiguous().view(int_dtype).long()
+    e = expected.detach().cpu().contiguous().view(int_dtype).long()
+    # map sign-magnitude bit patterns onto a monotone integer line
+    top = 1 << (8 * actual.element_size() - 1)
+    a = torch.where(a < 0, -(a + top), a)
+    e = torch.where(e < 0, -(e + top), e)
+    dist = (a - e).abs()
+    worst = int(dist.max()) if dist.numel() else 0
+    assert worst <= ulps, f"[{label}] {int((dist > ulps).sum())} elements differ by more than {ulps} ulp (worst {worst})"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Input factories: one place that builds realistic random inputs for tests and benchmarks.
+
+
+def generator(seed: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def randn(*shape: int, seed: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+          scale: float = 1.0) -> torch.Tensor:
+    """Standard normal values (times scale), generated on the CPU for reproducibility across devices."""
+    return (torch.randn(*shape, generator=generator(seed), dtype=torch.float32) * scale).to(dtype=dtype, device=device)
+
+
+def layer_index(n_layers: int, n_rows_per_layer: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    """idx (L * n,) int64 with rows grouped by layer: 0 0 ... 1 1 ... (the order the editors stack rows in)."""
+    return torch.arange(n_layers, device=device).repeat_interleave(n_rows_per_layer)
+
+
+def hypernet_params(d: int, rank: int, n_layers: int, *, seed: int, trained: bool = True,
+                    device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """A, B, c, s, t of one block; trained=True gives nonzero B, c and non-trivial s, t (so the block is not identity).
+
+    Magnitudes keep z A B + c of order one for unit-variance z, with a mix of signs (so the ReLU mask matters).
+    """
+    a = randn(d, rank, seed=seed, device=device)
+    if trained:
+        b = randn(rank, d, seed=seed + 1, device=device, scale=1.0 / (d * rank) ** 0.5)
+        c = randn(d, seed=seed + 2, device=device, scale=0.1)
+        s = 1.0 + randn(n_layers, d, seed=seed + 3, device=device, scale=0.2)
+        t = randn(n_layers, d, seed=seed + 4, device=device, scale=0.1)
+    else:
+        b = torch.zeros(rank, d, device=device)
+        c = torch.zeros(d, device=device)
+        s = torch.ones(n_layers, d, device=device)
+        t = torch.zeros(n_layers, d, device=device)
+    return {"a": a, "b": b, "c": c, "s": s, "t": t}
