@@ -120,3 +120,28 @@ def hypernet_params(d: int, rank: int, n_layers: int, *, seed: int, trained: boo
         s = torch.ones(n_layers, d, device=device)
         t = torch.zeros(n_layers, d, device=device)
     return {"a": a, "b": b, "c": c, "s": s, "t": t}
+
+
+def backend_params():
+    """pytest parameters for the compiled backends: C++ in the default tier, Triton in the interpreter/CUDA tier."""
+    import pytest
+
+    return [pytest.param("cpp", id="cpp"), pytest.param("triton", id="triton", marks=pytest.mark.interpret)]
+
+
+def device_for(backend: str) -> str:
+    """Where a backend's tests run: CUDA when present (and the backend supports it), else the CPU."""
+    if torch.cuda.is_available() and backend == "triton":
+        return "cuda"
+    return "cpu"
+
+
+def require_backend(backend: str, device: str) -> None:
+    """Skip the calling test, with the backend's own reasons, when it cannot run here."""
+    import pytest
+
+    from emsedit_fast.ops._dispatch import availability
+
+    why = availability(device).get(backend)
+    if why is not None:
+        pytest.skip(f"{backend} unavailable on {device}: {why}")

@@ -1,0 +1,151 @@
+"""hypernet_block forward and backward: every backend against the per-layer reference and PyTorch autograd."""
+
+import pytest
+import torch
+
+from emsedit_fast import ops
+from emsedit_fast import reference
+from emsedit_fast.testing import assert_close_to_reference
+from emsedit_fast.testing import backend_params
+from emsedit_fast.testing import device_for
+from emsedit_fast.testing import hypernet_params
+from emsedit_fast.testing import randn
+from emsedit_fast.testing import require_backend
+
+# (layers, rows per layer, D, rank): one row, rank 1, primes, one and many layers
+CASES = [(1, 1, 5, 1), (3, 7, 13, 4), (2, 33, 64, 16), (4, 9, 97, 8)]
+PARAM_NAMES = ("a", "b", "c", "s", "t")
+
+
+def _ids(case):
+    return f"L{case[0]}-n{case[1]}-D{case[2]}-r{case[3]}"
+
+
+def _inputs(case, device, seed=0, trained=True, normalise=False):
+    n_layers, n, d, rank = case
+    p = hypernet_params(d, rank, n_layers, seed=seed, trained=trained, device=device)
+    z = randn(n_layers * n, d, seed=seed + 10, device=device)
+    # rows of the layers interleaved and shuffled: the kernels must not assume sorted idx
+    idx = torch.arange(n_layers, device=device).repeat(n)[torch.randperm(n_layers * n, generator=torch.Generator()
+                                                                       .manual_seed(seed)).to(device)]
+    stats = {}
+    if normalise:
+        z = z * 2.0 + 0.5
+        stats = {"mean": randn(d, seed=seed + 11, device=device, scale=0.3),
+                 "std": randn(d, seed=seed + 12, device=device).abs() + 0.5}
+    return z, p, idx, stats
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("normalise", [False, True], ids=["plain", "folded-norm"])
+@pytest.mark.parametrize("relu_first", [True, False], ids=["relu_affine", "affine_relu"])
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_hypernet_block_matches_reference(backend, case, relu_first, normalise):
+    device = device_for(backend)
+    require_backend(backend, device)
+    z, p, idx, stats = _inputs(case, device, normalise=normalise)
+    with ops.record_backends() as seen:
+        out = ops.hypernet_block(z, *(p[k] for k in PARAM_NAMES), idx, relu_first=relu_first, backend=backend, **stats)
+    assert seen == {"hypernet_block": {backend}}
+    expected = reference.hypernet_block(z, *(p[k] for k in PARAM_NAMES), idx, relu_first, **stats)
+    assert_close_to_reference(out, expected, kind="reduction", label=f"{backend}-{_ids(case)}")
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("normalise", [False, True], ids=["plain", "folded-norm"])
+@pytest.mark.parametrize("relu_first", [True, False], ids=["relu_affine", "affine_relu"])
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_hypernet_block_grad_matches_reference(backend, case, relu_first, normalise):
+    """torch.autograd.grad through the backend's op equals autograd through the reference, for z and all params."""
+    device = device_for(backend)
+    require_backend(backend, device)
+    z, p, idx, stats = _inputs(case, device, normalise=normalise)
+    weight = randn(*z.shape, seed=99, device=device)  # L = <weight, z'>: a generic upstream gradient
+
+    def grads(fn, **kw):
+        leaves = [z.clone().requires_grad_()] + [p[k].clone().requires_grad_() for k in PARAM_NAMES]
+        out = fn(leaves[0], *leaves[1:], idx, **kw)
+        return torch.autograd.grad((out * weight).sum(), leaves)
+
+    fast = grads(ops.hypernet_block, relu_first=relu_first, backend=backend, **stats)
+    ref = grads(reference.hypernet_block, relu_first=relu_first, **stats)
+    for name, a, e in zip(("z",) + PARAM_NAMES, fast, ref):
+        assert_close_to_reference(a, e, kind="reduction", label=f"{backend}-grad_{name}")
+
+
+@pytest.mark.parametrize("backend", ["reference"] + backend_params())
+@pytest.mark.parametrize("relu_first", [True, False], ids=["relu_affine", "affine_relu"])
+def test_hypernet_block_backward_matches_autograd(backend, relu_first):
+    """The manual backward op (METHOD.md 8.4) equals PyTorch autograd of the reference forward, in fp64."""
+    device = device_for(backend)
+    require_backend(backend, device)
+    case = (3, 5, 11, 3)
+    z, p, idx, stats = _inputs(case, device, normalise=True)
+    grad_out = randn(*z.shape, seed=7, device=device)
+    manual = ops.hypernet_block_backward(grad_out, z, *(p[k] for k in PARAM_NAMES), idx, relu_first=relu_first,
+                                         backend=backend, **stats)
+    leaves = [z.double().requires_grad_()] + [p[k].double().requires_grad_() for k in PARAM_NAMES]
+    out = reference.hypernet_block(leaves[0], *leaves[1:], idx, relu_first,
+                                   stats["mean"].double(), stats["std"].double())
+    auto = torch.autograd.grad(out, leaves, grad_out.double())
+    for name, a, e in zip(("z",) + PARAM_NAMES, manual, auto):
+        assert_close_to_reference(a, e.float(), kind="reduction", label=f"{backend}-{name}")
+
+
+@pytest.mark.parametrize("backend", ["reference"] + backend_params())
+def test_hypernet_block_properties_identity_at_init(backend):
+    """With B = 0, c = 0, s = 1, t = 0 the block is exactly the identity on (normalised) rows."""
+    device = device_for(backend)
+    require_backend(backend, device)
+    z, p, idx, stats = _inputs((3, 6, 17, 4), device, trained=False, normalise=True)
+    out = ops.hypernet_block(z, *(p[k] for k in PARAM_NAMES), idx, backend=backend, **stats)
+    expected = reference.running_stats_normalize(z[:, :9], z[:, 9:], stats["mean"], stats["std"])
+    assert_close_to_reference(out, expected, label="normalised identity")
+    plain = ops.hypernet_block(z, *(p[k] for k in PARAM_NAMES), idx, backend=backend)
+    assert torch.equal(plain, z)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + backend_params())
+def test_hypernet_block_properties_relu_grad_at_zero(backend):
+    """relu'(0) = 1: at initialisation (every pre-activation exactly 0) B, c and s still receive gradients."""
+    device = device_for(backend)
+    require_backend(backend, device)
+    z, p, idx, _ = _inputs((2, 4, 7, 3), device, trained=False)
+    leaves = {k: p[k].clone().requires_grad_() for k in PARAM_NAMES}
+    out = ops.hypernet_block(z, *(leaves[k] for k in PARAM_NAMES), idx, backend=backend)
+    out.sum().backward()
+    assert leaves["b"].grad.abs().sum() > 0
+    assert leaves["c"].grad.abs().sum() > 0
+    assert leaves["a"].grad.abs().sum() == 0  # B = 0 blocks the path to A on the first step, as the math says
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_hypernet_block_mutates_only_declared_args(backend):
+    device = device_for(backend)
+    require_backend(backend, device)
+    z, p, idx, stats = _inputs((2, 5, 9, 2), device, normalise=True)
+    before = [x.clone() for x in (z, idx, *p.values(), *stats.values())]
+    ops.hypernet_block(z, *(p[k] for k in PARAM_NAMES), idx, backend=backend, **stats)
+    for a, b in zip((z, idx, *p.values(), *stats.values()), before):
+        assert torch.equal(a, b)
+
+
+def test_hypernet_block_opcheck():
+    """Schema, fake tensor and autograd registration of the C++ op (the full check needs the op registered)."""
+    from emsedit_fast import _ext
+
+    if _ext.load_error() is not None:
+        pytest.skip(f"cpp unavailable: {_ext.load_error()}")
+    z, p, idx, stats = _inputs((2, 3, 6, 2), "cpu", normalise=True)
+    args = (z.requires_grad_(), *(p[k].requires_grad_() for k in PARAM_NAMES), idx, True, stats["mean"],
+            stats["std"])
+    torch.library.opcheck(torch.ops.emsedit_fast.hypernet_block.default, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_hypernet_block_rejects_bad_shapes():
+    z, p, idx, _ = _inputs((2, 3, 6, 2), "cpu")
+    with pytest.raises(ValueError, match="b must be"):
+        ops.hypernet_block(z, p["a"], p["b"].t(), p["c"], p["s"], p["t"], idx)
+    with pytest.raises(ValueError, match="idx must be int64"):
+        ops.hypernet_block(z, p["a"], p["b"], p["c"], p["s"], p["t"], idx.int())
