@@ -56,6 +56,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def cpp_has_kernel(op: str, device: str) -> bool:
+    """True when the loaded _C registered an implementation of `op` for `device` (CPU or CUDA dispatch key)."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device)
+    if key is None or _ext.load_error() is not None:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"emsedit_fast::{op}", key)
+    except RuntimeError:  # schema not registered
+        return False
+
+
 def _cpp_devices() -> frozenset[str]:
     return frozenset({"cpu", "cuda"}) if _ext.has_cuda() else frozenset({"cpu"})
 
@@ -160,6 +171,8 @@ def select(op: str, impls: dict[str, Callable], tensors: tuple[torch.Tensor, ...
         if name not in impls:
             return [f"{op} has no {name} implementation"]
         out = BACKENDS[name].not_supported_reasons(*tensors)
+        if name == "cpp" and not out and not cpp_has_kernel(op, device):
+            out.append(f"emsedit_fast._C has no {device} kernel for {op}")
         if extra_reasons is not None:
             out += extra_reasons(name)
         return out

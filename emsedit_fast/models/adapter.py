@@ -1,0 +1,376 @@
+"""Model adapter: which linear modules are edited, their layout, and how they group by shape (METHOD.md §2, §14.3).
+
+Orientation. Every edited module computes v = W u (+ b) with u ∈ ℝ^{d_in}, v ∈ ℝ^{d_out}; the editor always reasons
+in this *linear orientation*, W ∈ ℝ^{d_out×d_in}. `nn.Linear` stores exactly that, `weight` of shape (d_out, d_in).
+GPT-2's `Conv1D` computes v = u W_s + b and stores the transpose, `weight` of shape (d_in, d_out); such modules are
+`transposed=True`. The bias is never edited.
+
+Shape groups. Modules with the same (d_in, d_out, transposed) share one hypernetwork; i_ℓ is the index of a module
+within its group in listing order, i.e. the order of the pattern list and then model order within a pattern.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from dataclasses import field
+from typing import Any
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+logger = logging.getLogger(__name__)
+
+Regime = Literal["sequential", "batch"]
+
+
+@dataclass(frozen=True)
+class EditedModule:
+    """One edited linear module.
+
+    name: the module's name in `model.named_modules()`. module: the `nn.Linear` or GPT-2 `Conv1D` itself.
+    d_in, d_out: the linear-orientation dimensions (v = W u with W ∈ ℝ^{d_out×d_in}), whatever the storage layout.
+    transposed: True when the weight is stored (d_in, d_out) (GPT-2 `Conv1D`); False for `nn.Linear` (d_out, d_in).
+    """
+
+    name: str
+    module: nn.Module = field(repr=False)  # compared and hashed by identity
+    d_in: int
+    d_out: int
+    transposed: bool
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """The weight parameter in its storage layout: (d_out, d_in), or (d_in, d_out) when transposed."""
+        return self.module.weight
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(d_in, d_out) for both layouts."""
+        return self.d_in, self.d_out
+
+    @property
+    def group_key(self) -> tuple[int, int, bool]:
+        """(d_in, d_out, transposed): modules with equal keys share one hypernetwork."""
+        return self.d_in, self.d_out, self.transposed
+
+
+def module_layout(module: nn.Module) -> tuple[int, int, bool]:
+    """(d_in, d_out, transposed) of an `nn.Linear` or GPT-2 `Conv1D`; TypeError for anything else.
+
+    nn.Linear: weight (d_out, d_in), transposed False. Conv1D: weight (d_in, d_out) = (nx, nf), transposed True.
+    """
+    if isinstance(module, Conv1D):
+        d_in, d_out = module.weight.shape
+        return int(d_in), int(d_out), True
+    if isinstance(module, nn.Linear):
+        d_out, d_in = module.weight.shape
+        return int(d_in), int(d_out), False
+    raise TypeError(f"{type(module).__module__}.{type(module).__qualname__} is neither nn.Linear nor GPT-2 Conv1D")
+
+
+def _example_names(model: nn.Module, limit: int = 6) -> str:
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+    shown = ", ".join(names[:limit])
+    return f"{shown}, ... ({len(names)} linear modules)" if len(names) > limit else shown
+
+
+def resolve_modules(model: nn.Module, patterns: Sequence[str]) -> list[EditedModule]:
+    """Resolve regex patterns to the edited modules, in pattern order and then model order within a pattern.
+
+    Each pattern is matched with `re.fullmatch` against the names of `model.named_modules()`. Raises ValueError,
+    naming the pattern, when a pattern matches nothing, matches a module that is neither `nn.Linear` nor GPT-2
+    `Conv1D` (the type is named), or matches a module that an earlier pattern (or another name) already matched.
+    """
+    if isinstance(patterns, str):
+        raise TypeError("patterns must be a list of regexes, not one string")
+    if not patterns:
+        raise ValueError("no module patterns given: at least one module must be edited")
+    named = list(model.named_modules())
+    out: list[EditedModule] = []
+    owner: dict[int, tuple[str, str]] = {}  # id(module) -> (pattern, name); catches a module reachable by two names
+    for pattern in patterns:
+        try:
+            regex = re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"module pattern {pattern!r} is not a valid regex: {err}") from err
+        matched = [(name, mod) for name, mod in named if name and regex.fullmatch(name)]
+        if not matched:
+            raise ValueError(f"module pattern {pattern!r} matched no module of {type(model).__name__} "
+                             f"(re.fullmatch on named_modules names; linear modules look like: {_example_names(model)})")
+        for name, mod in matched:
+            try:
+                d_in, d_out, transposed = module_layout(mod)
+            except TypeError:
+                raise ValueError(f"module pattern {pattern!r} matched {name!r} of type {type(mod).__name__}, but only "
+                                 f"nn.Linear and GPT-2 Conv1D modules can be edited") from None
+            if id(mod) in owner:
+                prev_pattern, prev_name = owner[id(mod)]
+                raise ValueError(f"module {name!r} matched by pattern {pattern!r} was already matched as {prev_name!r} "
+                                 f"by pattern {prev_pattern!r}; every module may be edited once")
+            owner[id(mod)] = (pattern, name)
+            out.append(EditedModule(name=name, module=mod, d_in=d_in, d_out=d_out, transposed=transposed))
+    return out
+
+
+@dataclass(frozen=True)
+class ShapeGroup:
+    """The edited modules sharing one (d_in, d_out, transposed) key, in listing order.
+
+    The position of a module in `modules` is its index i_ℓ within the group (the hypernetwork's per-module s, t, η,
+    λ are indexed by it). D = d_in + d_out is the hypernetwork width.
+    """
+
+    key: tuple[int, int, bool]
+    modules: tuple[EditedModule, ...]
+
+    @property
+    def d_in(self) -> int:
+        return self.key[0]
+
+    @property
+    def d_out(self) -> int:
+        return self.key[1]
+
+    @property
+    def transposed(self) -> bool:
+        return self.key[2]
+
+    @property
+    def width(self) -> int:
+        """D = d_in + d_out."""
+        return self.key[0] + self.key[1]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(m.name for m in self.modules)
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    def index(self, name: str) -> int:
+        """i_ℓ: the index of the module called `name` within this group."""
+        for i, m in enumerate(self.modules):
+            if m.name == name:
+                return i
+        raise KeyError(f"module {name!r} is not in shape group {self.key} ({', '.join(self.names)})")
+
+
+def group_by_shape(modules: Sequence[EditedModule]) -> list[ShapeGroup]:
+    """Group modules by (d_in, d_out, transposed), groups ordered by their first module, modules in listing order."""
+    buckets: dict[tuple[int, int, bool], list[EditedModule]] = {}
+    for m in modules:
+        buckets.setdefault(m.group_key, []).append(m)
+    return [ShapeGroup(key=k, modules=tuple(v)) for k, v in buckets.items()]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Default module lists (METHOD.md §14.3, §14.4)
+# ----------------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Span:
+    """Module `template` (with `{i}` for the layer) on layers start..stop (inclusive) every `step` layers."""
+
+    template: str
+    start: int
+    stop: int
+    step: int = 1
+
+    def layers(self) -> list[int]:
+        return list(range(self.start, self.stop + 1, self.step))
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    """Reference module list of an architecture at depth `depth`; other depths are scaled from it."""
+
+    depth: int
+    spans: tuple[_Span, ...]
+
+
+# model_type -> regime -> recipe at the reference depth (scaled for other depths).
+_GPT2_CPROJ = "transformer.h.{i}.mlp.c_proj"
+_GPTJ_FC_IN = "transformer.h.{i}.mlp.fc_in"
+_GPTJ_FC_OUT = "transformer.h.{i}.mlp.fc_out"
+_GATE = "model.layers.{i}.mlp.gate_proj"
+_UP = "model.layers.{i}.mlp.up_proj"
+_DOWN = "model.layers.{i}.mlp.down_proj"
+
+_LLAMA3 = _Recipe(32, (_Span(_GATE, 11, 15), _Span(_UP, 18, 24)))
+_DOWN_17_19 = _Recipe(32, (_Span(_DOWN, 17, 19),))
+_RECIPES: dict[str, dict[str, _Recipe]] = {
+    # GPT-2: the 6 middle-late layers of the 12-layer model (the latter half), scaled by relative depth.
+    "gpt2": {"sequential": _Recipe(12, (_Span(_GPT2_CPROJ, 6, 11),)),
+             "batch": _Recipe(12, (_Span(_GPT2_CPROJ, 6, 11),))},
+    "gptj": {"sequential": _Recipe(28, (_Span(_GPTJ_FC_IN, 10, 26, 2),)),
+             "batch": _Recipe(28, (_Span(_GPTJ_FC_OUT, 22, 27),))},
+    "llama": {"sequential": _LLAMA3, "batch": _LLAMA3},
+    "gemma2": {"sequential": _Recipe(42, (_Span(_GATE, 32, 40), _Span(_UP, 32, 40))),
+               "batch": _Recipe(42, (_Span(_DOWN, 32, 40),))},
+    "mistral": {"sequential": _DOWN_17_19, "batch": _DOWN_17_19},
+    "qwen2": {"sequential": _Recipe(28, (_Span(_DOWN, 17, 19),)), "batch": _Recipe(28, (_Span(_DOWN, 17, 19),))},
+}
+_RECIPES["gemma"] = _RECIPES["gemma2"]
+
+# Exact published lists, keyed by (model_type, n_layers, hidden, intermediate); they win over scaling.
+_EXACT: dict[tuple[str, int, int, int | None], dict[str, _Recipe]] = {
+    # GPT-2-XL: MLP c_proj of layers 6-11, as listed in METHOD §14.3 (authors' code).
+    ("gpt2", 48, 1600, None): {r: _Recipe(48, (_Span(_GPT2_CPROJ, 6, 11),)) for r in ("sequential", "batch")},
+    ("gptj", 28, 4096, 16384): _RECIPES["gptj"],
+    ("llama", 32, 4096, 14336): _RECIPES["llama"],
+    # METHOD §14.4 small-model profile (SmolLM2-135M): gate_proj 10-14 + up_proj 17-22.
+    ("llama", 30, 576, 1536): {r: _Recipe(30, (_Span(_GATE, 10, 14), _Span(_UP, 17, 22)))
+                               for r in ("sequential", "batch")},
+    ("gemma2", 42, 3584, 14336): _RECIPES["gemma2"],
+    ("mistral", 32, 4096, 14336): _RECIPES["mistral"],
+    ("qwen2", 28, 3584, 18944): _RECIPES["qwen2"],
+}
+
+_TINY_MAX_LAYERS = 4
+
+
+def _config_of(model_or_config: Any) -> Any:
+    return getattr(model_or_config, "config", model_or_config)
+
+
+def _n_layers(config: Any) -> int:
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError(f"cannot read the number of layers from {type(config).__name__}")
+
+
+def _hidden(config: Any) -> int | None:
+    for key in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _intermediate(config: Any) -> int | None:
+    for key in ("intermediate_size", "n_inner"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def _scale_recipe(recipe: _Recipe, n_layers: int) -> list[tuple[str, list[int]]]:
+    """Map each span to `n_layers` by relative depth: endpoints i -> round(i * L / L_ref), clamped to [0, L-1]."""
+    if n_layers == recipe.depth:
+        return [(s.template, s.layers()) for s in recipe.spans]
+    ratio = n_layers / recipe.depth
+    out = []
+    for s in recipe.spans:
+        start = min(max(_round_half_up(s.start * ratio), 0), n_layers - 1)
+        stop = min(max(_round_half_up(s.stop * ratio), start), n_layers - 1)
+        step = max(1, _round_half_up(s.step * ratio))
+        out.append((s.template, list(range(start, stop + 1, step))))
+    return out
+
+
+def _tiny_recipe(recipe: _Recipe, n_layers: int) -> list[tuple[str, list[int]]]:
+    """Tiny models (<= 4 layers): the last two layers, so a group has m = 2 modules where the model allows it.
+
+    Recipes with two disjoint layer ranges (LLaMA: gate_proj earlier, up_proj later) put their first module type on
+    layer L-2 and the second on layer L-1; recipes whose types share layers (Gemma-2 gate+up) use both layers for each.
+    """
+    last_two = sorted({max(n_layers - 2, 0), n_layers - 1})
+    spans = recipe.spans
+    disjoint = len(spans) == 2 and spans[0].stop < spans[1].start and len(last_two) == 2
+    if disjoint:
+        return [(spans[0].template, [last_two[0]]), (spans[1].template, [last_two[1]])]
+    return [(s.template, last_two) for s in spans]
+
+
+def _as_pattern(template: str, layers: list[int]) -> str:
+    head, tail = template.split("{i}")
+    alternatives = "|".join(str(i) for i in layers)
+    return f"{re.escape(head)}({alternatives}){re.escape(tail)}"
+
+
+def default_module_patterns(model_or_config: Any, regime: Regime = "sequential") -> list[str]:
+    """Default edited-module regexes (for `resolve_modules`) of a causal LM, by architecture and regime.
+
+    Published lists (METHOD §14.3) for GPT-J-6B, LLaMA-3-8B, Gemma-2-9B, GPT-2-XL, Mistral-7B, Qwen2.5-7B; the §14.4
+    profile for a 30-layer 576/1536 LLaMA (SmolLM2-135M). Other depths scale the layer ranges of the architecture's
+    reference list by relative depth; models with <= 4 layers edit their last two layers (see `_tiny_recipe`).
+    Names assume the `*ForCausalLM` / `*LMHeadModel` wrappers (`transformer.h.*`, `model.layers.*`).
+    """
+    if regime not in ("sequential", "batch"):
+        raise ValueError(f"regime must be 'sequential' or 'batch', got {regime!r}")
+    config = _config_of(model_or_config)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _RECIPES:
+        raise ValueError(f"no default edited modules for model_type {model_type!r}; known: {sorted(_RECIPES)}. "
+                         f"Pass explicit module patterns instead.")
+    n_layers = _n_layers(config)
+    exact_key = (model_type, n_layers, _hidden(config), _intermediate(config))
+    if exact_key in _EXACT:
+        spans = _scale_recipe(_EXACT[exact_key][regime], n_layers)
+    elif n_layers <= _TINY_MAX_LAYERS:
+        spans = _tiny_recipe(_RECIPES[model_type][regime], n_layers)
+    else:
+        spans = _scale_recipe(_RECIPES[model_type][regime], n_layers)
+    patterns = [_as_pattern(t, layers) for t, layers in spans]
+    logger.debug("default edited modules for %s (%d layers, %s): %s", model_type, n_layers, regime, patterns)
+    return patterns
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Fingerprint
+# ----------------------------------------------------------------------------------------------------------------------
+
+_CONFIG_KEYS = (
+    "model_type", "vocab_size", "hidden_size", "n_embd", "intermediate_size", "n_inner", "num_hidden_layers", "n_layer",
+    "num_attention_heads", "n_head", "num_key_value_heads", "head_dim", "tie_word_embeddings", "hidden_act",
+    "activation_function",
+)
+
+
+def _tensor_sha256(t: torch.Tensor) -> str:
+    # Raw bytes in storage layout and dtype; bf16 has no numpy dtype, so view the bytes as uint8 first.
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def fingerprint_details(model: nn.Module, modules: Sequence[EditedModule]) -> dict[str, Any]:
+    """The JSON-able record behind `fingerprint`: config essentials and, per module, name, layout, dtype, weight hash.
+
+    Checkpoints store it so that a refused load can show which entry differs.
+    """
+    config = getattr(model, "config", None)
+    essentials = {k: getattr(config, k) for k in _CONFIG_KEYS if config is not None and hasattr(config, k)}
+    essentials = {k: v for k, v in essentials.items() if isinstance(v, (int, float, str, bool)) or v is None}
+    return {
+        "config": essentials,
+        "modules": [
+            {"name": m.name, "d_in": m.d_in, "d_out": m.d_out, "transposed": m.transposed,
+             "dtype": str(m.weight.dtype).removeprefix("torch."), "weight_sha256": _tensor_sha256(m.weight)}
+            for m in modules
+        ],
+    }
+
+
+def fingerprint(model: nn.Module, modules: Sequence[EditedModule]) -> str:
+    """Stable SHA-256 hex digest of the config essentials, the edited module names/layouts and the edited weights' bytes.
+
+    Equal for the same model weights and module list across processes and devices; any change of an edited weight
+    element, dtype, module list or architecture size changes it. Cost: one read of the edited weights.
+    """
+    blob = json.dumps(fingerprint_details(model, modules), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
