@@ -1,0 +1,76 @@
+"""Hypernetwork parameters and state. All compute goes through emsedit_fast.ops (backend chosen per call).
+
+One `HyperNet` serves one shape group (all edited layers with the same (d_in, d_out, layout)) at one MSBP step
+(sequential regime) or at every step (batch regime). It owns a running normaliser over D = d_in + d_out, n_blocks
+residual low-rank blocks, and per-layer rows: s_b, t_b (scale/shift per block), eta (step size) and log_ridge.
+METHOD.md sections 5 and 6.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from emsedit_fast import ops
+from emsedit_fast.reference.running_stats import EPS
+
+
+class RunningStats(nn.Module):
+    """Buffers of the running normaliser: count (1,) float64, mean, var, std (D,) fp32. No gradients."""
+
+    def __init__(self, dim: int, std_floor: float = 0.0):
+        super().__init__()
+        self.std_floor = std_floor
+        self.register_buffer("count", torch.zeros(1, dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("var", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    @torch.no_grad()
+    def update_(self, keys: torch.Tensor, value_grads: torch.Tensor, backend: str | None = None) -> None:
+        ops.running_stats_update_(self.count, self.mean, self.var, self.std, keys, value_grads, backend=backend)
+
+    def scale(self) -> torch.Tensor:
+        """The std used to normalise: std, clamped from below by std_floor when set (METHOD.md 5, 'Caution')."""
+        return self.std.clamp_min(self.std_floor) if self.std_floor > 0 else self.std
+
+
+class HyperNet(nn.Module):
+    """g_phi for one shape group: z0 = (x - mu) / (sigma + eps); z_b = z_{b-1} + h_b(z_{b-1}); output z_B.
+
+    Initialisation (METHOD.md 6.2): A ~ N(0, 1), B = 0, c = 0, s = 1, t = 0, eta = eta_init, log_ridge = lambda_init,
+    so the untrained network is exactly the identity on normalised rows.
+    """
+
+    def __init__(self, d_in: int, d_out: int, n_layers: int, rank: int, n_blocks: int = 4,
+                 relu_first: bool = True, eta_init: float = 1e-6, lambda_init: float = 0.0, std_floor: float = 0.0,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        d = d_in + d_out
+        self.d_in, self.d_out, self.n_layers, self.rank, self.relu_first = d_in, d_out, n_layers, rank, relu_first
+        self.stats = RunningStats(d, std_floor)
+        self.a = nn.ParameterList([nn.Parameter(torch.randn(d, rank, generator=generator)) for _ in range(n_blocks)])
+        self.b = nn.ParameterList([nn.Parameter(torch.zeros(rank, d)) for _ in range(n_blocks)])
+        self.c = nn.ParameterList([nn.Parameter(torch.zeros(d)) for _ in range(n_blocks)])
+        self.s = nn.ParameterList([nn.Parameter(torch.ones(n_layers, d)) for _ in range(n_blocks)])
+        self.t = nn.ParameterList([nn.Parameter(torch.zeros(n_layers, d)) for _ in range(n_blocks)])
+        self.eta = nn.Parameter(torch.full((n_layers,), float(eta_init)))
+        self.log_ridge = nn.Parameter(torch.full((n_layers,), float(lambda_init)))
+
+    def scalar_parameters(self) -> list[nn.Parameter]:
+        """eta and log_ridge: the per-layer scalars (their learning rate may be scaled, METHOD.md 8.6)."""
+        return [self.eta, self.log_ridge]
+
+    def forward(self, keys: torch.Tensor, value_grads: torch.Tensor, idx: torch.Tensor, *,
+                mean: torch.Tensor | None = None, std: torch.Tensor | None = None,
+                backend: str | None = None) -> torch.Tensor:
+        """Pseudo pairs z = [u~ | delta~] (N, D) fp32 for rows (keys (N, d_in), value_grads (N, d_out)).
+
+        mean/std default to the current statistics; the meta-gradient passes the ones the edit used.
+        """
+        mean = self.stats.mean if mean is None else mean
+        std = self.stats.scale() if std is None else std
+        z = ops.running_stats_normalize(keys, value_grads, mean, std, EPS, backend=backend)
+        for a, b, c, s, t in zip(self.a, self.b, self.c, self.s, self.t):
+            z = ops.hypernet_block(z, a, b, c, s, t, idx, relu_first=self.relu_first, backend=backend)
+        return z

@@ -1,0 +1,240 @@
+"""Meta-training of hypernetwork editors: sequential (Algorithm 1) and batch (Algorithm 2) regimes.
+
+Sequential, per training batch E_t (the model is never reset between batches):
+    for k = 1..K:  capture on the current W; predict with phi_k; apply dW_k permanently
+    L = loss(E_t; W) (+ c ||W - W0||^2, or KL, or RLEdit's decayed loss over the last B batches)
+    G = dL/dW (factored); push G through every step's aggregation into phi_1..phi_K; clip; Adam step
+        (every batch, or once at the end with seq_optimizer_step = once_at_end, the published schedule)
+Batch, per training step (one batch):
+    for k = 1..K:  capture; predict with the shared phi; apply; L; G; revert dW_k (reset, the published default) or
+                   keep it (chain); push G into phi; clip; Adam step        ("step-wise updating")
+    restore W0
+METHOD.md sections 8, 9, 11, 12.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import time
+from dataclasses import dataclass
+from dataclasses import field
+
+import torch
+
+from emsedit_fast import ops
+from emsedit_fast.callbacks import Callback
+from emsedit_fast.config import TrainConfig
+from emsedit_fast.editors.base import Editor
+from emsedit_fast.editors.base import EditRefused
+from emsedit_fast.editors.base import WeightGrad
+from emsedit_fast.losses import answer_ce
+from emsedit_fast.losses import answer_kl
+from emsedit_fast.models.hooks import FactoredGrads
+from emsedit_fast.models.hooks import factored_weight_grads
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainReport:
+    steps: int = 0
+    skipped: int = 0  # steps refused for non-finite values (counted, never silently applied)
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    edits: int = 0
+
+    @property
+    def seconds_per_edit(self) -> float:
+        return self.seconds / max(self.edits, 1)
+
+
+def build_optimizer(editor: Editor, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam (0.9, 0.999, eps 1e-8, no weight decay) over every editor parameter; eta and log-ridge at
+    meta_lr * scalar_lr_scale (METHOD.md 8.6)."""
+    scalars = {id(p) for net_list in editor.nets for net in net_list for p in net.scalar_parameters()}
+    main = [p for p in editor.parameters() if id(p) not in scalars]
+    small = [p for p in editor.parameters() if id(p) in scalars]
+    return torch.optim.Adam([{"params": main, "lr": cfg.meta_lr},
+                             {"params": small, "lr": cfg.meta_lr * cfg.scalar_lr_scale}],
+                            betas=(0.9, 0.999), eps=1e-8, foreach=True)
+
+
+class MetaTrainer:
+    """Trains `editor` on batches of tokenised edit requests (`EditBatch` from emsedit_fast.data.collate).
+
+    The trainer owns the optimiser; `state_dict()` / `load_state_dict()` carry it with the step count, so a run can
+    resume from a checkpoint and end where an uninterrupted run would.
+    """
+
+    def __init__(self, editor: Editor, cfg: TrainConfig, callbacks: list[Callback] = ()):
+        self.editor = editor
+        self.cfg = cfg
+        self.callbacks = list(callbacks)
+        self.optimizer = build_optimizer(editor, cfg)
+        self.step = 0  # training batches completed
+        self.report = TrainReport()
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # losses and weight gradients
+
+    def _reference_logits(self, batch) -> torch.Tensor:
+        """p_ref logits on the unrelated prompts: before the current edit (pre_batch) or on W0 (original)."""
+        model = self.editor.model
+        with torch.no_grad():
+            if self.cfg.kl_reference == "original":
+                current = ops.snapshot(self.editor.weights())
+                ops.restore_(self.editor.weights(), self.editor.base)
+            try:
+                return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.detach()
+            finally:
+                if self.cfg.kl_reference == "original":
+                    ops.restore_(self.editor.weights(), current)
+
+    def weight_grads(self, terms: list[tuple[float, object, torch.Tensor | None]]) -> tuple[float, dict[str, WeightGrad]]:
+        """dL/dW for every edited module, factored, for L = sum_terms w (edit_coef CE(equiv) + loc_coef KL(unrel))
+        + reg_coef sum_l ||W_l - W_l^0||^2 (loss 'l2'). terms: (weight, tuples, reference logits or None)."""
+        cfg, editor = self.cfg, self.editor
+        modules = editor.modules_
+        parts: list[FactoredGrads] = []
+        for weight, tuples, ref in terms:
+            equiv = tuples.equiv
+
+            def ce(logits, equiv=equiv, w=weight):
+                return w * cfg.edit_coef * answer_ce(logits, equiv.labels, equiv.micro_batch, cfg.loss_reduction)
+
+            parts.append(factored_weight_grads(editor.model, modules, equiv.input_ids, equiv.attention_mask, ce))
+            if ref is not None:
+                unrel = tuples.unrel
+
+                def kl(logits, unrel=unrel, ref=ref, w=weight):
+                    return w * cfg.loc_coef * answer_kl(ref, logits, unrel.labels, unrel.micro_batch, cfg.kl_positions,
+                                                        unrel.attention_mask, cfg.loss_reduction)
+
+                parts.append(factored_weight_grads(editor.model, modules, unrel.input_ids, unrel.attention_mask, kl))
+        merged = FactoredGrads.merge(parts)
+        loss = merged.loss
+        grads = {}
+        for m, w0 in zip(modules, editor.base):
+            extra = None
+            if cfg.loss == "l2" and cfg.reg_coef:
+                drift = m.weight.detach().float() - w0.float()  # storage layout
+                loss += cfg.reg_coef * float((drift * drift).sum())
+                extra = 2 * cfg.reg_coef * (drift.t() if m.transposed else drift)  # linear orientation
+            grads[m.name] = WeightGrad(merged.inputs[m.name].float(), merged.output_grads[m.name].float(), extra)
+        return loss, grads
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # the two regimes
+
+    def _apply_steps(self, tuples, steps: range) -> list:
+        records = []
+        for k in steps:
+            rec = self.editor.predict_deltas(self.editor.capture(tuples.edit, self.cfg.loss_reduction), k)
+            self.editor.check_record(rec)
+            self.editor.apply_step(rec)
+            records.append(rec)
+        return records
+
+    def _optimizer_step(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self.editor.parameters(), self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _finite_grads(self) -> bool:
+        return all(p.grad is None or torch.isfinite(p.grad).all() for p in self.editor.parameters())
+
+    def train(self, batches: list, progress: bool | None = None) -> TrainReport:
+        """Run meta-training over `batches` (each an `EditBatch` with .edit, .equiv, .unrel tuples and .records),
+        starting after the `self.step` batches a resumed run has already done. Restores W0 at the end."""
+        from tqdm.auto import tqdm
+
+        editor, cfg = self.editor, self.cfg
+        needs_ref = cfg.loss in ("kl", "rledit_decay")
+        recent = collections.deque(maxlen=cfg.back_depth if cfg.loss == "rledit_decay" else 1)
+        start = time.perf_counter()
+        todo = batches[self.step:]
+        bar = tqdm(todo, desc=f"meta-train {editor.cfg.name} ({editor.regime}, K={editor.cfg.n_steps})",
+                   disable=(not progress) if progress is not None else None, unit="batch")
+        for tuples in bar:
+            n_edits = len(tuples.records)
+            ref = self._reference_logits(tuples.unrel) if needs_ref else None
+            try:
+                if editor.regime == "sequential":
+                    loss = self._sequential_batch(tuples, ref, recent)
+                else:
+                    loss = self._batch_step(tuples, ref)
+            except EditRefused as err:
+                self.report.skipped += 1
+                log.warning("training batch %d skipped: %s", self.step + 1, err)
+                self.optimizer.zero_grad(set_to_none=True)
+                if editor.regime == "batch":
+                    editor.reset()
+                loss = float("nan")
+            self.step += 1
+            self.report.steps += 1
+            self.report.edits += n_edits
+            self.report.losses.append(loss)
+            bar.set_postfix(loss=f"{loss:.4f}", skipped=self.report.skipped)
+            for cb in self.callbacks:
+                cb.on_train_step(self, {"step": self.step, "loss": loss, "skipped": self.report.skipped})
+        if editor.regime == "sequential" and cfg.seq_optimizer_step == "once_at_end" and todo:
+            self.optimizer.step()  # the published schedule: gradients of all batches, one Adam step
+            self.optimizer.zero_grad(set_to_none=True)
+        editor.reset()
+        self.report.seconds += time.perf_counter() - start
+        return self.report
+
+    def _sequential_batch(self, tuples, ref, recent) -> float:
+        cfg, editor = self.cfg, self.editor
+        records = self._apply_steps(tuples, range(editor.cfg.n_steps))
+        recent.appendleft((tuples, ref))
+        if cfg.loss == "rledit_decay":  # L_t = sum_a decay^a [CE + loc KL](E_{t-a}; W_t)
+            terms = [(cfg.time_decay ** a, tup, r) for a, (tup, r) in enumerate(recent)]
+        else:
+            terms = [(1.0, tuples, ref)]
+        loss, grads = self.weight_grads(terms)
+        if not math.isfinite(loss):
+            raise EditRefused(f"non-finite meta-loss {loss}")
+        editor.meta_backward(records, grads, shift_reg=cfg.shift_reg if cfg.loss == "rledit_decay" else 0.0)
+        if not self._finite_grads():
+            raise EditRefused("non-finite hypernetwork gradient")
+        torch.nn.utils.clip_grad_norm_(editor.parameters(), cfg.max_grad_norm)
+        if cfg.seq_optimizer_step == "every_batch":
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def _batch_step(self, tuples, ref) -> float:
+        cfg, editor = self.cfg, self.editor
+        total = 0.0
+        for k in range(editor.cfg.n_steps):
+            before = ops.snapshot(editor.weights()) if cfg.batch_step_chaining == "reset" else None
+            records = self._apply_steps(tuples, range(k, k + 1))
+            loss, grads = self.weight_grads([(1.0, tuples, ref)])
+            if before is not None:
+                ops.restore_(editor.weights(), before)  # exact revert (the published code subtracts: not exact)
+            if not math.isfinite(loss):
+                raise EditRefused(f"non-finite meta-loss {loss} at step {k + 1}")
+            editor.meta_backward(records, grads)
+            if not self._finite_grads():
+                raise EditRefused(f"non-finite hypernetwork gradient at step {k + 1}")
+            self._optimizer_step()
+            total += loss
+        editor.reset()
+        return total / editor.cfg.n_steps
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # resume
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "step": self.step,
+                "report": {"steps": self.report.steps, "skipped": self.report.skipped,
+                           "losses": list(self.report.losses), "seconds": self.report.seconds,
+                           "edits": self.report.edits}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.report = TrainReport(**state["report"])
