@@ -1,0 +1,48 @@
+"""An edit batch tokenised into the three views the editors and the trainer use (METHOD.md 3.3-3.5).
+
+    edit   (prompt, target_new)                    caching passes (what the editor edits)
+    equiv  (first rephrase, target_new)            the meta-training edit loss
+    unrel  (first locality prompt, its answer)     the KL locality loss (absent when records carry no locality)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from emsedit_fast.data.collate import TokenBatch
+from emsedit_fast.data.collate import collate
+from emsedit_fast.data.collate import record_tuples
+from emsedit_fast.data.schemas import EditRecord
+
+
+@dataclass
+class EditBatch:
+    records: list[EditRecord]
+    edit: TokenBatch
+    equiv: TokenBatch | None
+    unrel: TokenBatch | None
+
+    @property
+    def request_ids(self) -> list[str]:
+        return [str(r.case_id) for r in self.records]
+
+
+def _pairs(records, which):
+    tuples, _ = record_tuples(records, which, first_only=True)
+    return [t[:2] for t in tuples]  # the foil only matters for scoring
+
+
+def tokenize_batch(tokenizer, records: Sequence[EditRecord], micro_batch: int = 4, max_length: int = 128,
+                   device: torch.device | str = "cpu", need_equiv: bool = True, need_unrel: bool = False) -> EditBatch:
+    """Tokenise `records` into an EditBatch on `device`. need_equiv / need_unrel ask for the training views; a record
+    without a rephrase (or locality prompt) is then an error that names it."""
+    records = list(records)
+    if not records:
+        raise ValueError("an edit batch needs at least one record")
+    edit = collate(tokenizer, _pairs(records, "edit"), micro_batch, max_length).to(device)
+    equiv = collate(tokenizer, _pairs(records, "equiv"), micro_batch, max_length).to(device) if need_equiv else None
+    unrel = collate(tokenizer, _pairs(records, "unrel"), micro_batch, max_length).to(device) if need_unrel else None
+    return EditBatch(records, edit, equiv, unrel)
