@@ -236,15 +236,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def load(editor: str = "emsedit", mode: str | None = None, files: list[str] = (), overrides: list[str] = (),
-         extra: dict | None = None) -> RunConfig:
-    """Resolve a run config: editor preset (with its regime section), then YAML files, then dict, then overrides."""
+         extra: dict | None = None, defaults: dict | None = None) -> RunConfig:
+    """Resolve a run config, later sources winning: the editor preset, `defaults` (a command's own), YAML `files`,
+    `extra` (explicit flags), then dotted `overrides`. `mode` picks the regime (default: the preset's)."""
     values = preset("editor", editor)
-    regimes = values.pop("regimes", {})
     values.setdefault("editor", {})["name"] = values.get("editor", {}).get("name", editor)
     chosen_mode = mode or values.get("train", {}).get("mode", "sequential")
-    if chosen_mode in regimes:
-        values = _merge(values, regimes[chosen_mode])
     values = _merge(values, {"train": {"mode": chosen_mode}})
+    if defaults:
+        values = _merge(values, defaults)
     for path in files:
         with open(path) as f:
             loaded = yaml.safe_load(f) or {}
