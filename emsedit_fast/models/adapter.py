@@ -103,8 +103,8 @@ def resolve_modules(model: nn.Module, patterns: Sequence[str]) -> list[EditedMod
             raise ValueError(f"module pattern {pattern!r} is not a valid regex: {err}") from err
         matched = [(name, mod) for name, mod in named if name and regex.fullmatch(name)]
         if not matched:
-            raise ValueError(f"module pattern {pattern!r} matched no module of {type(model).__name__} "
-                             f"(re.fullmatch on named_modules names; linear modules look like: {_example_names(model)})")
+            raise ValueError(f"module pattern {pattern!r} matched no module of {type(model).__name__} (re.fullmatch "
+                             f"on named_modules names; linear modules look like: {_example_names(model)})")
         for name, mod in matched:
             try:
                 d_in, d_out, transposed = module_layout(mod)
@@ -270,16 +270,25 @@ def _round_half_up(x: float) -> int:
 
 
 def _scale_recipe(recipe: _Recipe, n_layers: int) -> list[tuple[str, list[int]]]:
-    """Map each span to `n_layers` by relative depth: endpoints i -> round(i * L / L_ref), clamped to [0, L-1]."""
+    """Map each span of a reference list to `n_layers` layers by relative depth.
+
+    The span keeps its relative centre ((c + 0.5) / L_ref = (c' + 0.5) / L) and its number of layers, which shrinks
+    in proportion for shallower models (never below 1) and never grows for deeper ones, so the editor's size stays
+    that of the published list. Strided spans (GPT-J fc_in every 2nd layer) scale their stride. The window is shifted
+    to fit into [0, L-1].
+    """
     if n_layers == recipe.depth:
         return [(s.template, s.layers()) for s in recipe.spans]
     ratio = n_layers / recipe.depth
     out = []
     for s in recipe.spans:
-        start = min(max(_round_half_up(s.start * ratio), 0), n_layers - 1)
-        stop = min(max(_round_half_up(s.stop * ratio), start), n_layers - 1)
-        step = max(1, _round_half_up(s.step * ratio))
-        out.append((s.template, list(range(start, stop + 1, step))))
+        count = len(s.layers())
+        step = 1 if s.step == 1 else max(1, _round_half_up(s.step * ratio))
+        count = max(1, min(count, _round_half_up(count * ratio), (n_layers - 1) // step + 1))
+        extent = (count - 1) * step
+        centre = ((s.start + s.stop) / 2 + 0.5) * ratio - 0.5
+        start = min(max(_round_half_up(centre - extent / 2), 0), n_layers - 1 - extent)
+        out.append((s.template, list(range(start, start + extent + 1, step))))
     return out
 
 
@@ -308,7 +317,9 @@ def default_module_patterns(model_or_config: Any, regime: Regime = "sequential")
 
     Published lists (METHOD §14.3) for GPT-J-6B, LLaMA-3-8B, Gemma-2-9B, GPT-2-XL, Mistral-7B, Qwen2.5-7B; the §14.4
     profile for a 30-layer 576/1536 LLaMA (SmolLM2-135M). Other depths scale the layer ranges of the architecture's
-    reference list by relative depth; models with <= 4 layers edit their last two layers (see `_tiny_recipe`).
+    reference list by relative depth (see `_scale_recipe`); models with <= 4 layers edit their last two layers (see
+    `_tiny_recipe`). GPT-2's reference list is the latter half (layers 6-11) of the 12-layer model; GPT-2-XL itself
+    (48 layers, d 1600) gets the published layers 6-11.
     Names assume the `*ForCausalLM` / `*LMHeadModel` wrappers (`transformer.h.*`, `model.layers.*`).
     """
     if regime not in ("sequential", "batch"):
@@ -367,7 +378,7 @@ def fingerprint_details(model: nn.Module, modules: Sequence[EditedModule]) -> di
 
 
 def fingerprint(model: nn.Module, modules: Sequence[EditedModule]) -> str:
-    """Stable SHA-256 hex digest of the config essentials, the edited module names/layouts and the edited weights' bytes.
+    """Stable SHA-256 hex digest of config essentials, edited module names/layouts and the edited weights' bytes.
 
     Equal for the same model weights and module list across processes and devices; any change of an edited weight
     element, dtype, module list or architecture size changes it. Cost: one read of the edited weights.

@@ -1,0 +1,356 @@
+"""Caching pass: keys u and value-gradients δ of the edited modules (METHOD.md §4, §18.3 F6–F8, §18.4).
+
+For a module ℓ with input u_t and output v_t = W_ℓ u_t at position t, and any loss L,
+
+    ∂L/∂W_ℓ = Σ_t δ_t u_tᵀ   (d_out × d_in, linear orientation),   δ_t = ∂L/∂v_t.
+
+`capture` runs ONE forward and ONE backward over the whole execution batch with the caching loss
+L_cache = Σ_b mean_{t∈𝒫_b} −log p(label_t) (or the `mean` reduction) and returns, per module, the rows u_t and δ_t at
+the selected positions, as fp32 (or `dtype`) buffers preallocated from the label mask (F6). Because sequences never
+interact, the per-position δ of one pass equal those of separate micro-batch passes (F8).
+
+No dense weight gradient is formed (F7): every model parameter has requires_grad = False during the pass (restored
+afterwards, also on errors), and a forward hook turns each edited module's output into a grad-requiring leaf when it
+does not already require grad, so autograd's graph starts at the lowest edited module and backward stops there. δ is
+obtained with `torch.autograd.grad(L, [edited module outputs])`; nothing is written to any `.grad`.
+
+`factored_weight_grads` is the meta-training variant (§18.4): for an arbitrary loss of the logits it returns the
+inputs X' and output-gradients Δ' at every selected (default: non-pad) position, so that G_ℓ = Δ'ᵀ X' (d_out × d_in)
+without ever forming it. It returns FACTORS; `FactoredGrads.dense` builds the dense G when a caller really needs it.
+
+Row order everywhere: (batch row, position), row-major over the (B, T) selection mask, identical for every module,
+so row j of U_ℓ and Δ_ℓ refers to the same token for all ℓ. Batches are laid out micro-batch after micro-batch, so this
+is also (micro-batch, sequence, position) order. Neither function calls `model.train()` or `model.eval()`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from emsedit_fast.losses import IGNORE_INDEX
+from emsedit_fast.losses import Reduction
+from emsedit_fast.losses import answer_ce
+from emsedit_fast.models.adapter import EditedModule
+from emsedit_fast.models.adapter import ShapeGroup
+
+logger = logging.getLogger(__name__)
+
+TokenMode = Literal["answer", "all"]
+
+
+@dataclass
+class Capture:
+    """Result of one caching pass.
+
+    keys: name -> U_ℓ (n, d_in). value_grads: name -> Δ_ℓ (n, d_out). Both in `dtype` (fp32 by default) on the
+    cache device, one row per selected position in (batch row, position) order, identical for every module.
+    rows, positions: (n,) int64, the batch row and position of each cached row. row_micro_batch: (n,) int64 micro-batch
+    id of each cached row (None when no micro_batch was given). loss: the caching loss (float). n_rows: n.
+    """
+
+    keys: dict[str, torch.Tensor]
+    value_grads: dict[str, torch.Tensor]
+    loss: float
+    n_rows: int
+    rows: torch.Tensor
+    positions: torch.Tensor
+    row_micro_batch: torch.Tensor | None
+    token_mode: str
+
+    def stack(self, group: ShapeGroup) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows of every module of a shape group, module after module (§18.3 F2).
+
+        Returns U (m·n, d_in), Δ (m·n, d_out) in the cache dtype, and idx (m·n,) int64 with idx = i_ℓ (the module's
+        index within the group) for each row. Copies once (torch.cat).
+        """
+        u = torch.cat([self.keys[m.name] for m in group.modules])
+        d = torch.cat([self.value_grads[m.name] for m in group.modules])
+        idx = torch.arange(len(group.modules), device=u.device).repeat_interleave(self.n_rows)
+        return u, d, idx
+
+
+@dataclass
+class FactoredGrads:
+    """Weight gradients of the edited modules in factored form: G_ℓ = Δ'_ℓᵀ X'_ℓ (d_out × d_in, linear orientation).
+
+    inputs: name -> X'_ℓ (T', d_in). output_grads: name -> Δ'_ℓ (T', d_out). Rows as in `Capture` (batch row,
+    position) over the selected positions. loss: float value of the loss. n_rows: T'.
+    For a GPT-2 Conv1D (transposed) module the gradient of the stored weight is Gᵀ = X'ᵀ Δ'.
+    """
+
+    inputs: dict[str, torch.Tensor]
+    output_grads: dict[str, torch.Tensor]
+    loss: float
+    n_rows: int
+
+    def dense(self, name: str) -> torch.Tensor:
+        """G_ℓ = Δ'ᵀ X' (d_out, d_in) fp32, linear orientation. Materialises the dense gradient: tests and debugging."""
+        return self.output_grads[name].float().t() @ self.inputs[name].float()
+
+    @staticmethod
+    def merge(parts: Sequence[FactoredGrads]) -> FactoredGrads:
+        """Rows of several passes concatenated (gradients add: G = Σ_p Δ'_pᵀ X'_p); losses add."""
+        if not parts:
+            raise ValueError("nothing to merge")
+        names = list(parts[0].inputs)
+        for p in parts[1:]:
+            if list(p.inputs) != names:
+                raise ValueError(f"cannot merge factored grads of different modules: {names} vs {list(p.inputs)}")
+        return FactoredGrads(
+            inputs={n: torch.cat([p.inputs[n] for p in parts]) for n in names},
+            output_grads={n: torch.cat([p.output_grads[n] for p in parts]) for n in names},
+            loss=sum(p.loss for p in parts),
+            n_rows=sum(p.n_rows for p in parts),
+        )
+
+
+class _Tap:
+    """Forward hooks on the edited modules: gather inputs at the selected rows, make outputs autograd roots.
+
+    flat_index: (n,) int64 indices into the flattened (B·T) token axis. Each hook asserts one call per forward.
+    """
+
+    def __init__(self, modules: Sequence[EditedModule], flat_index: torch.Tensor, n_tokens: int,
+                 dtype: torch.dtype, device: torch.device | None, pin_memory: bool):
+        self.modules = list(modules)
+        self.flat_index = flat_index
+        self.n_tokens = n_tokens
+        self.dtype = dtype
+        self.device = device
+        self.pin_memory = pin_memory
+        self.calls = {m.name: 0 for m in self.modules}
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._index_on: dict[torch.device, torch.Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def index_on(self, device: torch.device) -> torch.Tensor:
+        # One copy of the flat index per device the edited modules live on (models may be split across devices).
+        if device not in self._index_on:
+            self._index_on[device] = self.flat_index.to(device)
+        return self._index_on[device]
+
+    def buffer(self, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+        device = self.device if self.device is not None else like.device
+        pin = self.pin_memory and torch.device(device).type == "cpu" and like.device.type != "cpu"
+        return torch.empty(rows, cols, dtype=self.dtype, device=device, pin_memory=pin)
+
+    def gather(self, t: torch.Tensor, cols: int, what: str, name: str) -> torch.Tensor:
+        if t.shape[-1] != cols or t.numel() != self.n_tokens * cols:
+            raise RuntimeError(f"{what} of edited module {name!r} has shape {tuple(t.shape)}; expected "
+                               f"{self.n_tokens} tokens x {cols} (the module must see the whole (B, T) batch)")
+        rows = t.reshape(-1, cols).index_select(0, self.index_on(t.device))  # (n, cols), model dtype
+        out = self.buffer(rows.shape[0], cols, t)
+        out.copy_(rows.detach(), non_blocking=out.is_pinned())  # casts to the cache dtype
+        return out
+
+    def _hook(self, em: EditedModule) -> Callable:
+        def hook(module, args, kwargs, output):
+            self.calls[em.name] += 1
+            if self.calls[em.name] > 1:
+                raise RuntimeError(f"edited module {em.name!r} was called {self.calls[em.name]} times in one forward; "
+                                   f"capture needs exactly one call per module per forward (METHOD §4)")
+            x = args[0] if args else next(iter(kwargs.values()))
+            self.inputs[em.name] = self.gather(x, em.d_in, "input", em.name)
+            if not output.requires_grad:
+                # Lowest edited module(s): the output becomes the autograd root, so backward stops here and no
+                # gradient flows into anything below (parameters do not require grad either).
+                output = output.detach().requires_grad_(True)
+            self.outputs[em.name] = output
+            return output
+
+        return hook
+
+    def __enter__(self) -> _Tap:
+        try:
+            for em in self.modules:
+                self._handles.append(em.module.register_forward_hook(self._hook(em), with_kwargs=True))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def check_calls(self) -> None:
+        missing = [name for name, c in self.calls.items() if c != 1]
+        if missing:
+            detail = ", ".join(f"{n!r}: {self.calls[n]}" for n in missing)
+            raise RuntimeError(f"every edited module must be called exactly once per forward; calls: {detail}")
+
+
+class _FrozenParameters:
+    """Context: requires_grad = False on every parameter of the model; the previous flags come back on exit."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.saved: list[tuple[nn.Parameter, bool]] = []
+
+    def __enter__(self) -> _FrozenParameters:
+        self.saved = [(p, p.requires_grad) for p in self.model.parameters()]
+        for p, _ in self.saved:
+            p.requires_grad_(False)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for p, flag in self.saved:
+            p.requires_grad_(flag)
+
+
+def _check_modules(model: nn.Module, modules: Sequence[EditedModule]) -> None:
+    if not modules:
+        raise ValueError("no edited modules given")
+    names = [m.name for m in modules]
+    if len(set(names)) != len(names):
+        raise ValueError(f"edited module names must be unique, got {names}")
+    owned = {id(m) for m in model.modules()}
+    foreign = [m.name for m in modules if id(m.module) not in owned]
+    if foreign:
+        raise ValueError(f"edited modules {foreign} are not submodules of this {type(model).__name__} (resolved on "
+                         f"another model instance?)")
+
+
+def _logits_of(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    return logits if logits is not None else out[0]
+
+
+def _tapped_backward(model: nn.Module, modules: Sequence[EditedModule], input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor | None, select: torch.Tensor,
+                     loss_fn: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype,
+                     device: torch.device | str | None, pin_memory: bool):
+    """One forward + autograd.grad w.r.t. the edited outputs; rows gathered at `select` (B, T) bool."""
+    _check_modules(model, modules)
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (B, T), got {tuple(input_ids.shape)}")
+    batch, seq = input_ids.shape
+    if attention_mask is not None and tuple(attention_mask.shape) != (batch, seq):
+        raise ValueError(f"attention_mask must be {(batch, seq)}, got {tuple(attention_mask.shape)}")
+    if tuple(select.shape) != (batch, seq):
+        raise ValueError(f"position mask must be {(batch, seq)}, got {tuple(select.shape)}")
+    flat_index = select.reshape(-1).nonzero().squeeze(1)  # (n,) row-major: (batch row, position) order
+    n = flat_index.numel()
+    if n == 0:
+        raise ValueError("no positions selected: nothing to capture")
+    device = torch.device(device) if device is not None else None
+
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if getattr(getattr(model, "config", None), "use_cache", None) is not None:
+        kwargs["use_cache"] = False  # a KV cache is useless here and costs memory
+    tap = _Tap(modules, flat_index, batch * seq, dtype, device, pin_memory)
+    with _FrozenParameters(model), tap, torch.enable_grad():
+        logits = _logits_of(model(**kwargs))
+        tap.check_calls()
+        loss = loss_fn(logits)
+        del logits
+        if not loss.requires_grad:
+            raise RuntimeError("the loss does not depend on any edited module output")
+        outs = [tap.outputs[m.name] for m in modules]
+        grads = torch.autograd.grad(loss, outs, allow_unused=True)
+        value_grads = {}
+        for m, out, g in zip(modules, outs, grads):
+            if g is None:  # output does not reach the loss: its gradient is exactly zero
+                logger.warning("edited module %r does not influence the loss; its value-gradients are zero", m.name)
+                g = torch.zeros_like(out)
+            value_grads[m.name] = tap.gather(g, m.d_out, "output gradient", m.name)
+    inputs = {m.name: tap.inputs[m.name] for m in modules}
+    return inputs, value_grads, float(loss.detach()), flat_index, n
+
+
+def selection_mask(labels: torch.Tensor | None, attention_mask: torch.Tensor | None, token_mode: TokenMode,
+                   shape: tuple[int, int] | None = None) -> torch.Tensor:
+    """(B, T) bool mask of the cached positions.
+
+    token_mode "answer": labels ≠ −100. "all": every non-pad position, attention_mask ≠ 0 (every position if no mask).
+    """
+    if token_mode == "answer":
+        if labels is None:
+            raise ValueError("token_mode='answer' needs labels")
+        return labels != IGNORE_INDEX
+    if token_mode == "all":
+        if attention_mask is not None:
+            return attention_mask != 0
+        if labels is not None:
+            return torch.ones_like(labels, dtype=torch.bool)
+        if shape is None:
+            raise ValueError("token_mode='all' without attention_mask needs labels or a shape")
+        return torch.ones(shape, dtype=torch.bool)
+    raise ValueError(f"token_mode must be 'answer' or 'all', got {token_mode!r}")
+
+
+def capture(model: nn.Module, modules: Sequence[EditedModule], input_ids: torch.Tensor,
+            attention_mask: torch.Tensor | None, labels: torch.Tensor, micro_batch: torch.Tensor | None,
+            token_mode: TokenMode = "answer", reduction: Reduction = "sum_of_microbatch_means", *,
+            dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+            pin_memory: bool = False) -> Capture:
+    """Caching pass of METHOD §4: keys U_ℓ and value-gradients Δ_ℓ of every edited module, one forward + backward.
+
+        L_cache = Σ_b (1/|𝒫_b|) Σ_{t∈𝒫_b} −log softmax(logits_t)[labels_t]   (fp32; `reduction="mean"`: 1/|𝒫|)
+        U_ℓ[j] = u_{t_j},  Δ_ℓ[j] = ∂L_cache/∂v_{t_j}   for the selected positions t_j in (batch row, position) order
+
+    model: a causal LM called as model(input_ids=, attention_mask=[, use_cache=False]) returning logits (B, T, V).
+    modules: from `resolve_modules`; each must be called exactly once per forward (RuntimeError otherwise).
+    input_ids: (B, T) int64. attention_mask: (B, T) or None. labels: (B, T) int64, pre-shifted, −100 off the answers.
+    micro_batch: (B,) integer micro-batch id per row (None: one micro-batch). token_mode: "answer" caches the answer
+    positions (labels ≠ −100), "all" every non-pad position (attention_mask ≠ 0); the loss is L_cache in both modes, so
+    with "all" Σ_j δ_j u_jᵀ is the full weight gradient of L_cache.
+    dtype: cache dtype (fp32 default; the model dtype is allowed, §4 step 5). device: cache device (default: where
+    each module's activations live); pin_memory: pinned host buffers when caching device activations on the CPU.
+    Mutates nothing visible: requires_grad flags are restored, no `.grad` is written, hooks are removed, and the
+    model's train/eval mode is left as the caller set it.
+    """
+    select = selection_mask(labels, attention_mask, token_mode)
+    if tuple(labels.shape) != tuple(input_ids.shape):
+        raise ValueError(f"labels {tuple(labels.shape)} and input_ids {tuple(input_ids.shape)} must match")
+    if micro_batch is not None and tuple(micro_batch.shape) != (input_ids.shape[0],):
+        raise ValueError(f"micro_batch must be ({input_ids.shape[0]},), got {tuple(micro_batch.shape)}")
+
+    def loss_fn(logits):
+        return answer_ce(logits, labels.to(logits.device), micro_batch, reduction)
+
+    keys, grads, loss, flat_index, n = _tapped_backward(model, modules, input_ids, attention_mask, select, loss_fn,
+                                                        dtype, device, pin_memory)
+    seq = input_ids.shape[1]
+    rows = torch.div(flat_index, seq, rounding_mode="floor")
+    row_mb = micro_batch.to(rows.device)[rows].long() if micro_batch is not None else None
+    logger.debug("captured %d rows (%s) from %d modules, loss %.4f", n, token_mode, len(modules), loss)
+    return Capture(keys=keys, value_grads=grads, loss=loss, n_rows=n, rows=rows, positions=flat_index % seq,
+                   row_micro_batch=row_mb, token_mode=token_mode)
+
+
+def factored_weight_grads(model: nn.Module, modules: Sequence[EditedModule], input_ids: torch.Tensor,
+                          attention_mask: torch.Tensor | None, loss_fn: Callable[[torch.Tensor], torch.Tensor],
+                          positions: torch.Tensor | None = None, *, dtype: torch.dtype = torch.float32,
+                          device: torch.device | str | None = None) -> FactoredGrads:
+    """Meta-loss pass (§18.4): inputs X' and output-gradients Δ' of the edited modules, G_ℓ = Δ'ᵀ X' in factored form.
+
+        L = loss_fn(logits),   X'_ℓ[j] = u_{t_j},   Δ'_ℓ[j] = ∂L/∂v_{t_j},   ∂L/∂W_ℓ = Σ_j Δ'_ℓ[j]ᵀ X'_ℓ[j]  (exact)
+
+    loss_fn: logits (B, T, V) -> 0-dim loss tensor (e.g. `answer_ce` on the paraphrase labels, `answer_kl` against
+    precomputed reference logits). positions: (B, T) bool rows to keep; default every non-pad position
+    (attention_mask ≠ 0, or all). The result is exact whenever positions cover every position whose output can
+    influence the loss: with right padding, pad positions only feed later pads, so their δ is exactly 0.
+    Gradients w.r.t. the weights are never formed (same no-dense-grad mechanism as `capture`). Returns
+    `FactoredGrads` (factors, not dense gradients; `.dense(name)` builds G_ℓ on request).
+    """
+    if positions is None:
+        positions = selection_mask(None, attention_mask, "all", shape=tuple(input_ids.shape))
+        positions = positions.to(input_ids.device)
+    inputs, grads, loss, _, n = _tapped_backward(model, modules, input_ids, attention_mask, positions, loss_fn, dtype,
+                                                 device, False)
+    return FactoredGrads(inputs=inputs, output_grads=grads, loss=loss, n_rows=n)
