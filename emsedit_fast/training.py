@@ -75,6 +75,8 @@ class MetaTrainer:
         self.optimizer = build_optimizer(editor, cfg)
         self.step = 0  # training batches completed
         self.report = TrainReport()
+        # Called with the editor after each backward, before clipping: data-parallel training all-reduces here.
+        self.reduce_grads = None
 
     # ---------------------------------------------------------------------------------------------------------------
     # losses and weight gradients
@@ -122,7 +124,9 @@ class MetaTrainer:
                 drift = m.weight.detach().float() - w0.float()  # storage layout
                 loss += cfg.reg_coef * float((drift * drift).sum())
                 extra = 2 * cfg.reg_coef * (drift.t() if m.transposed else drift)  # linear orientation
-            grads[m.name] = WeightGrad(merged.inputs[m.name].float(), merged.output_grads[m.name].float(), extra)
+            to = editor.device  # the model may sit on another device than the hypernetworks
+            grads[m.name] = WeightGrad(merged.inputs[m.name].float().to(to), merged.output_grads[m.name].float().to(to),
+                                       None if extra is None else extra.to(to))
         return loss, grads
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -137,8 +141,13 @@ class MetaTrainer:
             records.append(rec)
         return records
 
-    def _optimizer_step(self) -> None:
+    def _clip(self) -> None:
+        if self.reduce_grads is not None:
+            self.reduce_grads(self.editor)
         torch.nn.utils.clip_grad_norm_(self.editor.parameters(), self.cfg.max_grad_norm)
+
+    def _optimizer_step(self) -> None:
+        self._clip()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -200,7 +209,7 @@ class MetaTrainer:
         editor.meta_backward(records, grads, shift_reg=cfg.shift_reg if cfg.loss == "rledit_decay" else 0.0)
         if not self._finite_grads():
             raise EditRefused("non-finite hypernetwork gradient")
-        torch.nn.utils.clip_grad_norm_(editor.parameters(), cfg.max_grad_norm)
+        self._clip()
         if cfg.seq_optimizer_step == "every_batch":
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)

@@ -161,6 +161,7 @@ class Editor(nn.Module):
                 HyperNet(g.d_in, g.d_out, len(g), rank, cfg.n_blocks, cfg.block_order == "relu_affine",
                          cfg.eta_init, cfg.lambda_init, cfg.std_floor, generator=gen) for g in self.groups]))
         self.nets = nn.ModuleList(nets).to(device)
+        self.device = device  # the hypernetworks' device; the model may live elsewhere (factors move per step)
         self.base = ops.snapshot(self.weights())  # W0: the unedited edited weights, for reset and replay
         self.history: list[AppliedEdit] = []
         self._next_id = 1
@@ -189,7 +190,7 @@ class Editor(nn.Module):
     def capture(self, batch, reduction: Reduction = "sum_of_microbatch_means") -> Capture:
         """Caching pass on the current weights: answer-position keys and value-grads of every edited module."""
         return capture(self.model, self.modules_, batch.input_ids, batch.attention_mask, batch.labels,
-                       batch.micro_batch, "answer", reduction, device=self.nets[0][0].a[0].device)
+                       batch.micro_batch, "answer", reduction, device=self.device)
 
     # ---------------------------------------------------------------------------------------------------------------
     # one MSBP step
@@ -241,11 +242,12 @@ class Editor(nn.Module):
         for gs in record.groups:
             group = self.groups[gs.group]
             weights = self.weights(gs.group)
+            to_model = weights[0].device
+            solution = list(gs.solution.to(to_model).unbind(0))
             if gs.form == "primal":
-                ops.apply_deltas_dense_(weights, list(gs.solution.unbind(0)), None, group.transposed,
-                                        backend=self.backend)
+                ops.apply_deltas_dense_(weights, solution, None, group.transposed, backend=self.backend)
             else:
-                ops.apply_deltas_(weights, list(gs.solution.unbind(0)), list(gs.factor_keys.unbind(0)), None,
+                ops.apply_deltas_(weights, solution, list(gs.factor_keys.to(to_model).unbind(0)), None,
                                   group.transposed, backend=self.backend)
 
     # ---------------------------------------------------------------------------------------------------------------
