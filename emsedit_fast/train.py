@@ -68,19 +68,6 @@ def resolve_config(args: argparse.Namespace, defaults: dict | None = None) -> Ru
     return load(args.editor, mode=args.mode, files=args.config, overrides=args.set, extra=flags, defaults=defaults)
 
 
-def format_table(rows: list[tuple[str, dict]], title: str) -> str:
-    """A Markdown table of ES / GS / LS (+ portability, timings) rows."""
-    keys = [("ES", "efficacy"), ("GS", "generalization"), ("LS", "locality"), ("LS-agree", "locality_agree"),
-            ("Port.", "portability")]
-    present = [(h, k) for h, k in keys if any(k in m for _, m in rows)]
-    header = "| method | " + " | ".join(h for h, _ in present) + " | edit s/edit |"
-    lines = [f"**{title}**", "", header, "|" + "---|" * (len(present) + 2)]
-    for name, m in rows:
-        cells = [f"{m[k]:.2f}" if k in m else "-" for _, k in present]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {m.get('edit_seconds_per_edit', 0):.3f} |")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m emsedit_fast.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,6 +97,7 @@ def _run(args) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from emsedit_fast import api
+    from emsedit_fast.report import results_table
     from emsedit_fast.checkpoint import load_editor_state
     from emsedit_fast.checkpoint import save_checkpoint
     from emsedit_fast.training import MetaTrainer
@@ -148,7 +136,7 @@ def _run(args) -> int:
         log.info("meta-training: %d batches, %.1f s (%.3f s per edit), %d skipped; checkpoint %s",
                  trainer.report.steps, trainer.report.seconds, trainer.report.seconds_per_edit, trainer.report.skipped,
                  ckpt)
-        results = {"config": cfg.output, "train": {"batches": trainer.report.steps, "seconds": trainer.report.seconds,
+        results = {"output": cfg.output, "train": {"batches": trainer.report.steps, "seconds": trainer.report.seconds,
                                                     "seconds_per_edit": trainer.report.seconds_per_edit,
                                                     "skipped": trainer.report.skipped,
                                                     "final_loss": trainer.report.losses[-1]
@@ -163,10 +151,12 @@ def _run(args) -> int:
                                                                              progress=progress)))
             rows.append((f"{cfg.editor.name} K={cfg.editor.n_steps}",
                          api.evaluate_protocol(session, records, mode, n_edits, t, progress=progress)))
+            for _, m in rows[1:]:
+                m["train_seconds_per_edit"] = trainer.report.seconds_per_edit
             title = (f"{cfg.model.name}, {cfg.data.eval} eval split, {mode} {t if mode == 'sequential' else 1} x "
                      f"{n_edits} edits, trained {trainer.report.steps} batches, seed {cfg.seed}, device "
                      f"{session.device}")
-            table = format_table(rows, title)
+            table = results_table(rows, title)
             print("\n" + table + "\n")
             results["eval"] = {name: m for name, m in rows}
             with open(os.path.join(cfg.output, "results.md"), "w") as f:
