@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-METRIC_COLUMNS = (("ES", "efficacy"), ("GS", "generalization"), ("LS", "locality"), ("LS-agree", "locality_agree"),
-                  ("Port.", "portability"))
+# (column, metric key of emsedit_fast.evaluation): LS is the CounterFact margin, LS-gold the zsRE/facts accuracy
+# against the gold answer, LS-agree the agreement with the unedited model's predictions, Port. two-hop portability.
+METRIC_COLUMNS = (("ES", "es"), ("GS", "gs"), ("LS", "ls"), ("LS-gold", "ls_gold"), ("LS-agree", "ls_agree"),
+                  ("Port.", "ps"))
 
 
 def results_table(rows: list[tuple[str, dict]], title: str) -> str:
