@@ -41,6 +41,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="slow tier: pass --run-slow"))
 
 
+# Tests use tiny tensors: one intra-op thread avoids OpenMP spin overhead (60x slowdowns on a loaded 2-core box).
+torch.set_num_threads(int(os.environ.get("EMSEDIT_FAST_TEST_THREADS", "1")))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
