@@ -154,12 +154,13 @@ def edit(session: Session, records: list[EditRecord], n_steps: int | None = None
 
 def evaluate_protocol(session: Session, records: list[EditRecord], mode: str, n_edits: int, n_batches: int,
                       n_steps: int | None = None, *, edit: bool = True, progress: bool | None = None,
-                      batch_size: int = 16) -> dict:
+                      batch_size: int = 16, curve_at: tuple[int, ...] = ()) -> dict:
     """Edit, then measure (METHOD.md 16.3), then put model and editor back exactly as they were.
 
     sequential: n_batches batches of n_edits, edited one after another; metrics on all of their records at the end.
     batch: one batch of n_edits edited at once. edit=False measures the unedited model on the same records.
-    Returns the metrics (percent) plus timing and the protocol description.
+    curve_at: in the sequential protocol, also score the records edited so far after these batch counts (the
+    "metrics against the number of edits" curve). Returns the metrics (percent) plus timing and the protocol.
     """
     from emsedit_fast import ops
     from emsedit_fast.evaluation import evaluate_records
@@ -175,26 +176,34 @@ def evaluate_protocol(session: Session, records: list[EditRecord], mode: str, n_
     weights_before = ops.snapshot(editor.weights())
     reference = pre_edit_predictions(session.model, session.tokenizer, used, batch_size=batch_size,
                                      max_length=cfg.model.max_length)
+    prefixes = {t: [r for b in batches[:t] for r in b.records] for t in curve_at if t < len(batches)}
+    prefix_refs = {t: pre_edit_predictions(session.model, session.tokenizer, recs, batch_size=batch_size,
+                                           max_length=cfg.model.max_length) for t, recs in prefixes.items()}
     seconds = 0.0
     refused = 0
+    curve = []
     try:
         editor.reset()
         if edit:
             from tqdm.auto import tqdm
 
-            for batch in tqdm(batches, desc=f"edit ({mode}, K={n_steps or editor.cfg.n_steps})", unit="batch",
-                              disable=(not progress) if progress is not None else None):
+            from emsedit_fast.editors import EditRefused
+
+            bar = tqdm(batches, desc=f"edit ({mode}, K={n_steps or editor.cfg.n_steps})", unit="batch",
+                       disable=(not progress) if progress is not None else None)
+            for t, batch in enumerate(bar, start=1):
                 start = time.perf_counter()
                 try:
                     editor.edit(batch.edit, n_steps=n_steps, request_ids=batch.request_ids)
-                except Exception as err:  # EditRefused: counted and reported, never silently applied
-                    from emsedit_fast.editors import EditRefused
-
-                    if not isinstance(err, EditRefused):
-                        raise
+                except EditRefused as err:  # counted and reported, never silently applied
                     refused += 1
                     log.warning("evaluation edit refused: %s", err)
                 seconds += time.perf_counter() - start
+                if t in prefixes:
+                    point = evaluate_records(session.model, session.tokenizer, prefixes[t], pre_edit=prefix_refs[t],
+                                             batch_size=batch_size, max_length=cfg.model.max_length, progress=False)
+                    curve.append({"edits": len(prefixes[t]), "edit_seconds_per_edit": seconds / len(prefixes[t]),
+                                  **point})
         metrics = evaluate_records(session.model, session.tokenizer, used, pre_edit=reference,
                                    batch_size=batch_size, max_length=cfg.model.max_length, progress=progress)
     finally:
@@ -206,6 +215,8 @@ def evaluate_protocol(session: Session, records: list[EditRecord], mode: str, n_
     metrics.update({
         "edit_seconds_per_edit": seconds / max(len(used), 1) if edit else 0.0,
         "refused_batches": refused,
+        "curve": curve + ([{"edits": len(used), "edit_seconds_per_edit": seconds / max(len(used), 1),
+                            **{k: v for k, v in metrics.items() if isinstance(v, float)}}] if curve_at else []),
         "protocol": {"mode": mode, "batches": t_batches, "n_edits": n_edits, "n_steps": n_steps or editor.cfg.n_steps,
                      "edited": edit, "records": len(used)},
     })
