@@ -208,7 +208,7 @@ def evaluate_protocol(session: Session, records: list[EditRecord], mode: str, n_
                                    batch_size=batch_size, max_length=cfg.model.max_length, progress=progress)
     finally:
         editor.reset()
-        ops.restore_(editor.weights(), weights_before)
+        ops.restore_(editor.weights(), weights_before, backend=editor.backend)
         editor.load_state_dict(state)
         editor.history.extend(history)
     metrics = dict(metrics)

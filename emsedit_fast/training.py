@@ -87,12 +87,12 @@ class MetaTrainer:
         with torch.no_grad():
             if self.cfg.kl_reference == "original":
                 current = ops.snapshot(self.editor.weights())
-                ops.restore_(self.editor.weights(), self.editor.base)
+                ops.restore_(self.editor.weights(), self.editor.base, backend=self.editor.backend)
             try:
                 return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.detach()
             finally:
                 if self.cfg.kl_reference == "original":
-                    ops.restore_(self.editor.weights(), current)
+                    ops.restore_(self.editor.weights(), current, backend=self.editor.backend)
 
     def weight_grads(self, terms: list[tuple[float, object, torch.Tensor | None]]) -> tuple[float, dict[str, WeightGrad]]:
         """dL/dW for every edited module, factored, for L = sum_terms w (edit_coef CE(equiv) + loc_coef KL(unrel))
@@ -223,7 +223,7 @@ class MetaTrainer:
             records = self._apply_steps(tuples, range(k, k + 1))
             loss, grads = self.weight_grads([(1.0, tuples, ref)])
             if before is not None:
-                ops.restore_(editor.weights(), before)  # exact revert (the published code subtracts: not exact)
+                ops.restore_(editor.weights(), before, backend=editor.backend)  # exact revert (the published code subtracts: not exact)
             if not math.isfinite(loss):
                 raise EditRefused(f"non-finite meta-loss {loss} at step {k + 1}")
             editor.meta_backward(records, grads)

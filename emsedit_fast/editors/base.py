@@ -279,7 +279,7 @@ class Editor(nn.Module):
                     self.apply_step(rec)
                     records.append(rec)
             except BaseException:
-                ops.restore_(self.weights(), before)
+                ops.restore_(self.weights(), before, backend=self.backend)
                 self.load_state_dict(stats_before, strict=False)
                 raise
         entry = AppliedEdit(self._next_id, list(request_ids or []), records, dict(seen), time.perf_counter() - start,
@@ -300,14 +300,14 @@ class Editor(nn.Module):
             raise KeyError(f"no edit with id {edit_id}; recorded: {[e.edit_id for e in self.history]}")
         entry = self.history.pop(pos)
         if pos == len(self.history) and entry.before is not None:
-            ops.restore_(self.weights(), entry.before)
+            ops.restore_(self.weights(), entry.before, backend=self.backend)
             return
         self.replay()
 
     @torch.no_grad()
     def replay(self) -> None:
         """W <- W0, then every recorded step again, in order."""
-        ops.restore_(self.weights(), self.base)
+        ops.restore_(self.weights(), self.base, backend=self.backend)
         for entry in self.history:
             for rec in entry.steps:
                 self.apply_step(rec)
@@ -315,7 +315,7 @@ class Editor(nn.Module):
     @torch.no_grad()
     def reset(self) -> None:
         """Back to the unedited weights W0 (bit-exact) and an empty history."""
-        ops.restore_(self.weights(), self.base)
+        ops.restore_(self.weights(), self.base, backend=self.backend)
         self.history.clear()
 
     def editor_state(self) -> dict[str, torch.Tensor]:

@@ -41,19 +41,17 @@ def _cpp_unavailable() -> str | None:
 
 
 def triton_unavailable() -> str | None:
-    """None when Triton kernels can launch on some device here, else why not."""
-    try:
-        import triton  # noqa: F401
-    except Exception as err:
-        return f"triton not importable ({type(err).__name__}: {err})"
-    if not interpreting() and not torch.cuda.is_available():
-        return "no CUDA device, and TRITON_INTERPRET=1 was not set before triton was imported"
-    return None
+    """None when Triton kernels can launch on some device here, else why not (checked without importing triton)."""
+    from emsedit_fast import kernels
+
+    return kernels.why_unavailable()
 
 
 def interpreting() -> bool:
     """True when Triton runs through its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    from emsedit_fast import kernels
+
+    return kernels.interpreting()
 
 
 def cpp_has_kernel(op: str, device: str) -> bool:

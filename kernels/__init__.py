@@ -1,0 +1,49 @@
+"""Triton kernels of emsedit_fast, installed as `emsedit_fast.kernels` (DESIGN.md section 2.2).
+
+Importing this package imports nothing heavy: neither triton nor torch. Each op family lives in its own module
+(`running_stats`, `hypernet_block`, `value_targets`, `ridge`, `apply_deltas`, `restore`); importing one of them
+imports triton and registers its ops as torch.ops.emsedit_fast.triton_<op> (`torch.library.triton_op`). The ops
+layer (emsedit_fast/ops/_registry.py) does that lazily, on first use.
+
+On a machine without a GPU the kernels run only through Triton's interpreter, and TRITON_INTERPRET=1 must be in the
+environment before triton is imported (the flag is read when `@triton.jit` decorates).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+STEMS = ("running_stats", "hypernet_block", "value_targets", "ridge", "apply_deltas", "restore")
+
+
+def interpreting() -> bool:
+    """True when TRITON_INTERPRET=1: kernels run on CPU tensors through Triton's numpy interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def why_unavailable() -> str | None:
+    """None when the Triton kernels can launch here, else a sentence saying why not and what to do."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install 'emsedit_fast[triton]')"
+    if interpreting():
+        triton = sys.modules.get("triton")
+        knobs = getattr(triton, "knobs", None) if triton is not None else None
+        if knobs is not None and not knobs.runtime.interpret:
+            return ("TRITON_INTERPRET=1 was set after triton had been imported; set it before starting Python "
+                    "(TRITON_INTERPRET=1 pytest -m interpret)")
+        return None
+    import torch  # deferred: keeps `import emsedit_fast.kernels` cheap
+
+    if not torch.cuda.is_available():
+        return "no CUDA device, and TRITON_INTERPRET=1 was not set before triton was imported"
+    return None
+
+
+def is_available() -> bool:
+    """True when `why_unavailable()` has nothing to report."""
+    return why_unavailable() is None
+
+
+__all__ = ["STEMS", "interpreting", "is_available", "why_unavailable"]
