@@ -169,6 +169,9 @@ class MetaTrainer:
         for tuples in bar:
             n_edits = len(tuples.records)
             ref = self._reference_logits(tuples.unrel) if needs_ref else None
+            # once_at_end accumulates over batches: a refused batch must not wipe (or poison) what came before
+            kept = ({p: p.grad.clone() for p in editor.parameters() if p.grad is not None}
+                    if editor.regime == "sequential" and cfg.seq_optimizer_step == "once_at_end" else {})
             try:
                 if editor.regime == "sequential":
                     loss = self._sequential_batch(tuples, ref, recent)
@@ -178,6 +181,8 @@ class MetaTrainer:
                 self.report.skipped += 1
                 log.warning("training batch %d skipped: %s", self.step + 1, err)
                 self.optimizer.zero_grad(set_to_none=True)
+                for p, g in kept.items():
+                    p.grad = g
                 if editor.regime == "batch":
                     editor.reset()
                 loss = float("nan")

@@ -1,0 +1,64 @@
+"""The strict config loader: unknown keys, type coercion, Literal checks, ranges, presets, overrides, profiles."""
+
+import pytest
+
+from emsedit_fast.config import ConfigError
+from emsedit_fast.config import RunConfig
+from emsedit_fast.config import build
+from emsedit_fast.config import load
+from emsedit_fast.config import to_dict
+
+
+def test_unknown_key_names_the_closest_valid_one():
+    with pytest.raises(ConfigError, match=r"unknown config key 'editor.rnak' \(did you mean 'rank'\?\)"):
+        load("emsedit", overrides=["editor.rnak=3"])
+
+
+def test_yaml_strings_and_ints_are_coerced_to_the_declared_type():
+    cfg = load("emsedit", overrides=["editor.eta_init=1e-6", "train.meta_lr=1", "editor.rank=64"])
+    assert cfg.editor.eta_init == 1e-6 and isinstance(cfg.train.meta_lr, float) and cfg.editor.rank == 64
+    cfg = build(RunConfig, {"editor": {"eta_init": "1e-6"}})  # PyYAML reads 1e-6 as a string
+    assert cfg.editor.eta_init == 1e-6
+
+
+def test_literal_and_range_violations_are_clear():
+    with pytest.raises(ConfigError, match="train.mode: 'online' is not one of"):
+        load("emsedit", overrides=["train.mode=online"])
+    with pytest.raises(ConfigError, match="editor.n_steps: must be in 1..8"):
+        load("emsedit", overrides=["editor.n_steps=0"])
+    with pytest.raises(ConfigError, match="editor.rank: expected an integer"):
+        load("emsedit", overrides=["editor.rank=big"])
+
+
+def test_presets_set_each_method_and_mode_choice():
+    assert load("malmen").train.mode == "batch" and load("malmen").train.loss == "kl"
+    assert load("rledit").train.loss == "rledit_decay"
+    assert load("mend").editor.aggregation == "outer" and load("mend").editor.n_blocks == 2
+    ems = load("emsedit", mode="batch")
+    assert ems.editor.n_steps == 2 and ems.train.mode == "batch" and ems.train.loss == "l2"
+    with pytest.raises(ConfigError, match="no editor preset 'romE'"):
+        load("romE")
+
+
+def test_reference_profile_applies_the_published_choices():
+    seq = load("emsedit", overrides=["profile=reference"])
+    assert seq.train.seq_optimizer_step == "once_at_end" and seq.train.reg_coef == 0.25
+    batch = load("emsedit", mode="batch", overrides=["profile=reference"])
+    assert batch.train.reg_coef == 0.5 and batch.train.batch_step_chaining == "reset"
+
+
+def test_config_files_and_precedence(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("editor: {rank: 32}\ntrain: {n_batches: 7}\n")
+    cfg = load("emsedit", files=[str(path)], defaults={"editor": {"rank": 16}}, overrides=["train.n_batches=9"])
+    assert cfg.editor.rank == 32 and cfg.train.n_batches == 9
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load("emsedit", files=[str(bad)])
+
+
+def test_round_trip_through_a_plain_dict():
+    cfg = load("rledit", overrides=["model.modules=a.*,b.*"])
+    assert cfg.model.modules == ("a.*", "b.*")
+    assert build(RunConfig, to_dict(cfg)) == cfg
