@@ -75,6 +75,8 @@ class MetaTrainer:
         self.optimizer = build_optimizer(editor, cfg)
         self.step = 0  # training batches completed
         self.report = TrainReport()
+        # (tuples, reference logits) of the latest batches: RLEdit's decayed loss revisits them
+        self.recent = collections.deque(maxlen=cfg.back_depth if cfg.loss == "rledit_decay" else 1)
         # Called with the editor after each backward, before clipping: data-parallel training all-reduces here.
         self.reduce_grads = None
 
@@ -161,7 +163,7 @@ class MetaTrainer:
 
         editor, cfg = self.editor, self.cfg
         needs_ref = cfg.loss in ("kl", "rledit_decay")
-        recent = collections.deque(maxlen=cfg.back_depth if cfg.loss == "rledit_decay" else 1)
+        recent = self.recent
         start = time.perf_counter()
         todo = batches[self.step:]
         bar = tqdm(todo, desc=f"meta-train {editor.cfg.name} ({editor.regime}, K={editor.cfg.n_steps})",
@@ -243,12 +245,38 @@ class MetaTrainer:
     # resume
 
     def state_dict(self) -> dict:
+        """Everything a resumed run needs to end exactly where an uninterrupted one would: optimiser, step, report,
+        and in the sequential regime the current (edited) weights and the recent batches with their reference
+        logits (kept only at the answer positions the KL loss reads, when kl_positions = answer)."""
+        recent = []
+        for tuples, ref in self.recent:
+            if ref is not None and self.cfg.kl_positions == "answer":
+                ref = ("answer", ref[tuples.unrel.labels != -100].cpu(), tuple(ref.shape))
+            elif ref is not None:
+                ref = ("all", ref.cpu(), tuple(ref.shape))
+            recent.append((tuples, ref))
+        sequential = self.editor.regime == "sequential"
         return {"optimizer": self.optimizer.state_dict(), "step": self.step,
                 "report": {"steps": self.report.steps, "skipped": self.report.skipped,
                            "losses": list(self.report.losses), "seconds": self.report.seconds,
-                           "edits": self.report.edits}}
+                           "edits": self.report.edits},
+                "weights": [w.cpu().clone() for w in self.editor.weights()] if sequential and self.step else None,
+                "recent": recent}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.report = TrainReport(**state["report"])
+        if state.get("weights") is not None:
+            ops.restore_(self.editor.weights(), [w.to(x.device) for w, x in zip(state["weights"],
+                                                                                 self.editor.weights())])
+        self.recent.clear()
+        for tuples, ref in state.get("recent", []):
+            if ref is not None:
+                how, values, shape = ref
+                if how == "answer":  # zeros elsewhere: the answer-position KL never reads them
+                    full = torch.zeros(shape, dtype=values.dtype)
+                    full[tuples.unrel.labels.cpu() != -100] = values
+                    values = full
+                ref = values.to(tuples.unrel.labels.device)
+            self.recent.append((tuples, ref))
