@@ -20,6 +20,7 @@ import os
 import sys
 import time
 
+from emsedit_fast.config import SMALL_MODEL_PROFILE
 from emsedit_fast.config import ConfigError
 from emsedit_fast.config import load
 
@@ -52,11 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="runs/compare")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return _run(args)
-    except (ConfigError, ValueError, FileNotFoundError, ImportError) as err:
+    except (ConfigError, ValueError, FileNotFoundError, ImportError, RuntimeError) as err:
+        if args.verbose:
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -76,7 +81,7 @@ def _run(args) -> int:
     common = {"model": {"name": args.model}, "train": {"n_batches": args.n_batches},
               "data": {"train": args.train_data, "eval": args.eval_data, "n_edits": args.n_edits,
                        "eval_batches": args.eval_batches}, "seed": args.seed}
-    base_cfg = load("emsedit", mode=args.mode, extra=common, overrides=args.set)
+    base_cfg = load("emsedit", mode=args.mode, defaults=SMALL_MODEL_PROFILE, extra=common, overrides=args.set)
     model, tokenizer, device = api.load_model(base_cfg)
     train_records = api.load_split(args.train_data, "train", base_cfg)
     eval_records = api.load_split(args.eval_data, "eval", base_cfg)
@@ -86,7 +91,8 @@ def _run(args) -> int:
     session = None
     for method in methods:
         name, k = METHOD_NAMES[method]
-        cfg = load(name, mode=args.mode, extra={**common, "editor": {"n_steps": k}}, overrides=args.set)
+        cfg = load(name, mode=args.mode, defaults=SMALL_MODEL_PROFILE, extra={**common, "editor": {"n_steps": k}},
+                   overrides=args.set)
         cfg = dataclasses.replace(cfg, output=os.path.join(args.output, method))
         torch.manual_seed(cfg.seed)
         session = api.open_session(cfg, model, tokenizer)

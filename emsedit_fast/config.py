@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -125,6 +126,12 @@ class RunConfig:
     output: str = "runs/emsedit"
 
 
+# METHOD.md 14.4: the small-model profile (SmolLM2-135M and similar on a CPU or a small GPU). Rank 256; the step size
+# starts at 1e-3 rather than the 7B-scale 1e-6 (with 1e-6 an untrained editor's edits round away on a 576-wide model,
+# so short training budgets could not move it); Adam at 1e-4. Starting points to tune; every run records them.
+SMALL_MODEL_PROFILE = {"editor": {"rank": 256, "eta_init": 1e-3}, "train": {"meta_lr": 1e-4}}
+
+
 def _check(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{key}: {msg}")
@@ -172,9 +179,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         try:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -232,7 +242,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({_one_line(err)})") from None
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
 
 
 def load(editor: str = "emsedit", mode: str | None = None, files: list[str] = (), overrides: list[str] = (),
@@ -246,8 +263,13 @@ def load(editor: str = "emsedit", mode: str | None = None, files: list[str] = ()
     if defaults:
         values = _merge(values, defaults)
     for path in files:
-        with open(path) as f:
-            loaded = yaml.safe_load(f) or {}
+        try:
+            with open(path) as f:
+                loaded = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({_one_line(err)})") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not a text file ({err})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a config file must hold a mapping")
         values = _merge(values, loaded)

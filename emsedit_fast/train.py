@@ -15,6 +15,7 @@ import sys
 import time
 
 from emsedit_fast.config import ConfigError
+from emsedit_fast.config import SMALL_MODEL_PROFILE
 from emsedit_fast.config import RunConfig
 from emsedit_fast.config import load
 
@@ -22,9 +23,9 @@ log = logging.getLogger("emsedit_fast.train")
 
 # The defaults of the main job: a budget that fits in a few minutes on 2 CPU cores (METHOD.md 14.4 small profile).
 MAIN_JOB = {
+    **SMALL_MODEL_PROFILE,
     "model": {"name": "smollm2-135m"},
-    "editor": {"rank": 256},
-    "train": {"n_batches": 40, "meta_lr": 1e-4},
+    "train": {**SMALL_MODEL_PROFILE["train"], "n_batches": 40},
     "data": {"n_edits": 8, "eval_batches": 5},
 }
 
