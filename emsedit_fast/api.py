@@ -152,15 +152,32 @@ def edit(session: Session, records: list[EditRecord], n_steps: int | None = None
     return session.editor.edit(batch.edit, n_steps=n_steps, request_ids=batch.request_ids)
 
 
+def protocol_pre_edit(session: Session, records: list[EditRecord], mode: str, n_edits: int, n_batches: int,
+                      batch_size: int = 16):
+    """The unedited model's predictions on the records a protocol uses (for LS-agree), computed once."""
+    from emsedit_fast.evaluation import pre_edit_predictions
+
+    used = [r for b in _protocol_batches(session, records, mode, n_edits, n_batches) for r in b.records]
+    return pre_edit_predictions(session.model, session.tokenizer, used, batch_size=batch_size,
+                                max_length=session.cfg.model.max_length)
+
+
+def _protocol_batches(session: Session, records, mode: str, n_edits: int, n_batches: int) -> list[EditBatch]:
+    t_batches = n_batches if mode == "sequential" else 1
+    return make_batches(session.tokenizer, records, n_edits, t_batches, session.cfg, session.device, need_equiv=False)
+
+
 def evaluate_protocol(session: Session, records: list[EditRecord], mode: str, n_edits: int, n_batches: int,
                       n_steps: int | None = None, *, edit: bool = True, progress: bool | None = None,
-                      batch_size: int = 16, curve_at: tuple[int, ...] = ()) -> dict:
+                      batch_size: int = 16, curve_at: tuple[int, ...] = (), pre_edit=None) -> dict:
     """Edit, then measure (METHOD.md 16.3), then put model and editor back exactly as they were.
 
     sequential: n_batches batches of n_edits, edited one after another; metrics on all of their records at the end.
     batch: one batch of n_edits edited at once. edit=False measures the unedited model on the same records.
     curve_at: in the sequential protocol, also score the records edited so far after these batch counts (the
-    "metrics against the number of edits" curve). Returns the metrics (percent) plus timing and the protocol.
+    "metrics against the number of edits" curve). pre_edit: the unedited model's predictions on these records
+    (computed here when None; `protocol_pre_edit` computes them once for several editors). Returns the metrics
+    (percent) plus timing and the protocol.
     """
     from emsedit_fast import ops
     from emsedit_fast.evaluation import evaluate_records
@@ -169,13 +186,13 @@ def evaluate_protocol(session: Session, records: list[EditRecord], mode: str, n_
     editor = session.editor
     cfg = session.cfg
     t_batches = n_batches if mode == "sequential" else 1
-    batches = make_batches(session.tokenizer, records, n_edits, t_batches, cfg, session.device, need_equiv=False)
+    batches = _protocol_batches(session, records, mode, n_edits, n_batches)
     used = [r for b in batches for r in b.records]
     state = editor.editor_state()
     history = list(editor.history)
     weights_before = ops.snapshot(editor.weights())
-    reference = pre_edit_predictions(session.model, session.tokenizer, used, batch_size=batch_size,
-                                     max_length=cfg.model.max_length)
+    reference = pre_edit if pre_edit is not None else pre_edit_predictions(
+        session.model, session.tokenizer, used, batch_size=batch_size, max_length=cfg.model.max_length)
     prefixes = {t: [r for b in batches[:t] for r in b.records] for t in curve_at if t < len(batches)}
     prefix_refs = {t: pre_edit_predictions(session.model, session.tokenizer, recs, batch_size=batch_size,
                                            max_length=cfg.model.max_length) for t, recs in prefixes.items()}

@@ -96,11 +96,13 @@ def _run(args) -> int:
         cfg = dataclasses.replace(cfg, output=os.path.join(args.output, method))
         torch.manual_seed(cfg.seed)
         session = api.open_session(cfg, model, tokenizer)
-        if not rows:  # the unedited model on the same records
+        if not rows:  # the unedited model on the same records; its predictions serve every method's LS-agree
+            pre_edit = api.protocol_pre_edit(session, eval_records, args.mode, args.n_edits, t)
             rows.append(("unedited", api.evaluate_protocol(session, eval_records, args.mode, args.n_edits, t,
-                                                           edit=False, progress=progress)))
+                                                           edit=False, progress=progress, pre_edit=pre_edit)))
         trainer = api.train(session, cfg, train_records, progress=progress)
-        metrics = api.evaluate_protocol(session, eval_records, args.mode, args.n_edits, t, progress=progress)
+        metrics = api.evaluate_protocol(session, eval_records, args.mode, args.n_edits, t, progress=progress,
+                                        pre_edit=pre_edit)
         metrics["train_seconds_per_edit"] = trainer.report.seconds_per_edit
         metrics["train_skipped"] = trainer.report.skipped
         rows.append((label(method), metrics))
