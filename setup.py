@@ -30,13 +30,15 @@ def _version():
 
 
 def _simd_flags():
-    """-mavx2 -mfma where the build machine has them (the CPU kernels vectorise their fp32 loops with them)."""
+    """-mavx2 -mfma (-mf16c) where the build machine has them: the CPU kernels vectorise fp32 loops and bf16/fp16
+    conversions with them."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
     except OSError:
         return []
-    return ["-mavx2", "-mfma"] if (" avx2" in flags and " fma" in flags) else []
+    out = ["-mavx2", "-mfma"] if (" avx2" in flags and " fma" in flags) else []
+    return out + (["-mf16c"] if out and " f16c" in flags else [])
 
 
 def _extensions_and_cmdclass():

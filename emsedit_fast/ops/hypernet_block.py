@@ -42,6 +42,15 @@ def _triton_forward(*args):
 if _ext.load_error() is None:
     _registry.register_autograd("emsedit_fast::hypernet_block", *_autograd(_registry.cpp("hypernet_block_backward")))
 
+    # Fake (meta) kernels: shapes and dtypes only, so FakeTensor tracing and torch.compile can see through the C++ ops.
+    @torch.library.register_fake("emsedit_fast::hypernet_block")
+    def _hypernet_block_fake(z, a, b, c, s, t, idx, relu_first, mean, std):
+        return z.new_empty(z.shape)  # (N, D) fp32
+
+    @torch.library.register_fake("emsedit_fast::hypernet_block_backward")
+    def _hypernet_block_backward_fake(grad_out, z, a, b, c, s, t, idx, relu_first, mean, std):
+        return tuple(x.new_empty(x.shape) for x in (z, a, b, c, s, t))  # gradients shaped like their inputs
+
 _FORWARD = {
     "reference": reference.hypernet_block,
     "cpp": _registry.cpp("hypernet_block"),

@@ -52,6 +52,18 @@ def _triton_forward(*args):
 if _ext.load_error() is None:
     _registry.register_autograd("emsedit_fast::ridge_solve", *_autograd(_registry.cpp("ridge_solve_backward")))
 
+    # Fake (meta) kernels: shapes and dtypes only, so FakeTensor tracing and torch.compile can see through the C++ ops.
+    @torch.library.register_fake("emsedit_fast::ridge_solve")
+    def _ridge_solve_fake(keys, targets, log_ridge, form):
+        n_layers, n, d_in = keys.shape
+        rows = n if form == "dual" else d_in
+        return keys.new_empty(n_layers, rows, targets.shape[2])  # M (L, n, d_out) or S (L, d_in, d_out)
+
+    @torch.library.register_fake("emsedit_fast::ridge_solve_backward")
+    def _ridge_solve_backward_fake(grad_solution, keys, solution, log_ridge, form):
+        n_layers, n, _ = keys.shape
+        return keys.new_empty(n_layers, n, solution.shape[2]), log_ridge.new_empty(n_layers)
+
 _FORWARD = {
     "reference": reference.ridge_solve,
     "cpp": _registry.cpp("ridge_solve"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from emsedit_fast import _ext
 from emsedit_fast import reference
 from emsedit_fast.ops import _checks
 from emsedit_fast.ops import _registry
@@ -20,6 +21,14 @@ _NORMALIZE = {
     "cpp": _registry.cpp("running_stats_normalize"),
     "triton": _registry.triton("running_stats", "running_stats_normalize"),
 }
+
+if _ext.load_error() is None:
+
+    # Fake (meta) kernel: shapes and dtypes only, so FakeTensor tracing and torch.compile can see through the C++ op.
+    # (running_stats_update_ only mutates its state and returns nothing.)
+    @torch.library.register_fake("emsedit_fast::running_stats_normalize")
+    def _running_stats_normalize_fake(keys, value_grads, mean, std, eps):
+        return keys.new_empty(keys.shape[0], keys.shape[1] + value_grads.shape[1], dtype=torch.float32)  # Z (m, D)
 
 
 def _check_rows(op, keys, value_grads, mean):

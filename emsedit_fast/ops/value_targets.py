@@ -37,6 +37,16 @@ def _triton_forward(*args):
 if _ext.load_error() is None:
     _registry.register_autograd("emsedit_fast::value_targets", *_autograd(_registry.cpp("value_targets_backward")))
 
+    # Fake (meta) kernels: shapes and dtypes only, so FakeTensor tracing and torch.compile can see through the C++ ops.
+    @torch.library.register_fake("emsedit_fast::value_targets")
+    def _value_targets_fake(keys, z, eta, idx):
+        n_rows, d = z.shape
+        return z.new_empty(n_rows, d - keys.shape[1]), z.new_empty(n_rows)  # targets (N, d_out), coeffs (N,)
+
+    @torch.library.register_fake("emsedit_fast::value_targets_backward")
+    def _value_targets_backward_fake(grad_targets, grad_coeffs, keys, z, eta, idx):
+        return z.new_empty(z.shape), eta.new_empty(eta.shape)  # grad_z (N, D), grad_eta (L,)
+
 _FORWARD = {
     "reference": reference.value_targets,
     "cpp": _registry.cpp("value_targets"),

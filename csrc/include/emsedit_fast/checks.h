@@ -1,7 +1,7 @@
 // Argument checks that name the offending argument (a failed check raises RuntimeError in Python).
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>  // not torch/extension.h: these checks are also used from .cu files (nvcc)
 
 #define EMS_CHECK(cond, ...) TORCH_CHECK((cond), "emsedit_fast: ", __VA_ARGS__)
 #define EMS_CHECK_DIM(t, d) EMS_CHECK((t).dim() == (d), #t " must be ", (d), "-D, got ", (t).sizes())
