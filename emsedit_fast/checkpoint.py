@@ -8,14 +8,16 @@
 
 Saving writes everything into a sibling temporary directory, fsyncs it, then renames it into place (a previous
 checkpoint at the same path is renamed aside first and deleted last), so a crash never leaves a half-written
-checkpoint under the final name. Loading checks the format version, the file hashes and the model fingerprint, and
-refuses a mismatch with a message that shows the difference.
+checkpoint under the final name; a save killed between the two renames is undone by the next read or save of that
+path, which renames the previous checkpoint back (`recover_interrupted_save`). Loading checks the format version, the
+file hashes and the model fingerprint, and refuses a mismatch with a message that shows the difference.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -35,6 +37,9 @@ from emsedit_fast.version import __version__
 
 FORMAT_VERSION = 1
 FILES = ("config.yaml", "hypernets.safetensors", "meta.json")
+_META_KEYS = ("editor", "regime", "files", "fingerprint_details", "training_step")
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -76,11 +81,62 @@ def base_fingerprint(editor) -> dict:
         ops.restore_(editor.weights(), current, backend="reference")
 
 
+def _saving_elsewhere(aside: str) -> bool:
+    """Whether `<path>.old-<pid>` belongs to a save still running in another live process (its rename comes next)."""
+    try:
+        pid = int(aside.rsplit(".old-", 1)[1])
+    except ValueError:
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, but not ours to signal
+        return True
+    return True
+
+
+def recover_interrupted_save(path: str, wait_s: float = 2.0) -> bool:
+    """Put back the previous checkpoint when a save was killed between its two renames (`path` renamed aside to
+    `<path>.old-<pid>`, the new one not yet renamed in). A save still running in a live process gets `wait_s` seconds
+    to finish its rename first. Returns True when it recovered one."""
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        return False
+    parent, name = os.path.dirname(path), os.path.basename(path)
+    try:
+        aside = [os.path.join(parent, n) for n in os.listdir(parent) if n.startswith(name + ".old-")]
+    except FileNotFoundError:
+        return False
+    if any(_saving_elsewhere(d) for d in aside):
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            time.sleep(0.02)
+            if os.path.exists(path):
+                return False
+    intact = []
+    for d in aside:  # a leftover that was being deleted when a later save was killed is incomplete: skip it
+        try:
+            read_meta(d)
+        except CheckpointError:
+            continue
+        intact.append(d)
+    if not intact or os.path.exists(path):
+        return False
+    newest = max(intact, key=os.path.getmtime)
+    os.replace(newest, path)
+    log.warning("%s: recovered the previous checkpoint from %s (a save was interrupted)", path, newest)
+    return True
+
+
 def save_checkpoint(path: str, editor, cfg: RunConfig, trainer=None, extra_meta: dict | None = None) -> str:
     """Write editor (+ trainer state) to directory `path` atomically; returns the path."""
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
+    recover_interrupted_save(path)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
     try:
         with open(os.path.join(tmp, "config.yaml"), "w") as f:
@@ -119,6 +175,10 @@ def save_checkpoint(path: str, editor, cfg: RunConfig, trainer=None, extra_meta:
         os.replace(tmp, path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        for name in os.listdir(parent):  # previous checkpoints left aside by saves killed before their cleanup
+            stale = os.path.join(parent, name)
+            if name.startswith(os.path.basename(path) + ".old-") and not _saving_elsewhere(stale):
+                shutil.rmtree(stale, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -128,6 +188,7 @@ def save_checkpoint(path: str, editor, cfg: RunConfig, trainer=None, extra_meta:
 def read_meta(path: str) -> dict:
     """meta.json of a checkpoint, validated (version, files present and intact)."""
     meta_path = os.path.join(path, "meta.json")
+    recover_interrupted_save(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no checkpoint directory")
     try:
@@ -135,12 +196,17 @@ def read_meta(path: str) -> dict:
             meta = json.load(f)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: meta.json missing: not a checkpoint, or an interrupted save") from None
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{meta_path}: corrupt JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path}: corrupt (a JSON {type(meta).__name__}, not an object)")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {version!r} is not supported by emsedit_fast "
                               f"{__version__} (supports {FORMAT_VERSION})")
+    missing = [k for k in _META_KEYS if k not in meta]
+    if missing or not isinstance(meta.get("files"), dict):
+        raise CheckpointError(f"{meta_path}: corrupt (missing {', '.join(missing) or 'files'})")
     for name, digest in meta.get("files", {}).items():
         file = os.path.join(path, name)
         if not os.path.exists(file):
@@ -186,7 +252,8 @@ def check_compatible(meta: dict, editor, strict_weights: bool = True) -> None:
     lines = _diff(saved, current)
     if lines:
         raise CheckpointError("the checkpoint was trained for a different model (base model "
-                              f"{meta.get('base_model')!r}); differences:\n" + "\n".join(lines))
+                              f"{meta.get('base_model')!r}); {len(lines)} difference(s): "
+                              + "; ".join(line.strip() for line in lines))
 
 
 def load_editor_state(path: str, editor, trainer=None, strict_weights: bool = True) -> dict:
@@ -202,11 +269,20 @@ def load_editor_state(path: str, editor, trainer=None, strict_weights: bool = Tr
         raise CheckpointError(f"{path}/hypernets.safetensors: cannot read ({type(err).__name__}: {err})") from None
     own = editor.state_dict()
     if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
-        raise CheckpointError(f"{path}: hypernetwork shapes do not match this editor configuration")
+        odd = sorted(set(state) ^ set(own))
+        what = (f"tensor {odd[0]!r} is only in the {'checkpoint' if odd[0] in state else 'editor'}" if odd else
+                next(f"{k}: checkpoint {tuple(state[k].shape)}, editor {tuple(own[k].shape)}" for k in own
+                     if state[k].shape != own[k].shape))
+        raise CheckpointError(f"{path}: hypernetwork shapes do not match this editor configuration (editor.rank, "
+                              f"n_blocks, n_steps or edited modules differ; {what})")
     editor.load_state_dict({k: v.to(own[k].device) for k, v in state.items()})
     if trainer is not None:
         file = os.path.join(path, "trainer_state.pt")
         if not os.path.exists(file):
             raise CheckpointError(f"{path}: no trainer_state.pt to resume from")
-        trainer.load_state_dict(torch.load(file, map_location="cpu", weights_only=False))
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=False)
+        except Exception as err:
+            raise CheckpointError(f"{file}: cannot read ({type(err).__name__}: {err})") from None
+        trainer.load_state_dict(state)
     return meta

@@ -273,14 +273,43 @@ def apply_edit_file(model, path: str, *, check: bool = True, allow_backend_chang
 
 
 def save_model(model, tokenizer, path: str, extra: dict | None = None) -> str:
-    """save_pretrained (safetensors) of the model and its tokenizer into `path`, plus emsedit_edits.json."""
-    os.makedirs(path, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
-    if extra is not None:
-        with open(os.path.join(path, "emsedit_edits.json"), "w") as f:
-            json.dump(extra, f, indent=2)
+    """save_pretrained (safetensors) of the model and its tokenizer into `path`, plus emsedit_edits.json.
+
+    Atomic: everything is written into a temporary sibling folder, fsynced, then renamed into place (a previous save at
+    `path` is renamed aside first and deleted last), so a crash leaves `path` as it was or complete, never a new model
+    next to an old emsedit_edits.json. An existing `path` must be an earlier save (or empty): it is replaced whole.
+    """
+    import shutil
+    import tempfile
+
+    path = os.path.abspath(path)
+    ours = os.path.isdir(path) and (not os.listdir(path) or os.path.exists(os.path.join(path, "emsedit_edits.json")))
+    if os.path.exists(path) and not ours:
+        raise ValueError(f"--save-model {path}: exists and is not a model saved by this command; choose a new folder")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "emsedit_edits.json"), "w") as f:
+            json.dump(extra or {}, f, indent=2)
+        for name in os.listdir(tmp):
+            file = os.path.join(tmp, name)
+            if os.path.isfile(file):
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
+        old = None
+        if os.path.exists(path):
+            old = f"{path}.old-{os.getpid()}"
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return path
 
 
@@ -484,9 +513,14 @@ def _load_facts(args, cfg):
         from emsedit_fast.data.facts import bundled_facts
 
         return bundled_facts("eval", seed=cfg.seed)
+    from emsedit_fast.data.schemas import DataError
     from emsedit_fast.data.schemas import load_records
 
-    return list(load_records(args.facts, args.format).records)
+    result = load_records(args.facts, args.format)
+    if result.dropped:  # every fact given here is meant to be edited in: an empty target is an error, not a drop
+        raise DataError(result.dropped[0][1].replace("; dropped by the cleaning rule of METHOD.md 3.2", "")
+                        + (f" (and {len(result.dropped) - 1} more)" if len(result.dropped) > 1 else ""))
+    return list(result.records)
 
 
 if __name__ == "__main__":

@@ -126,7 +126,10 @@ def _run(args) -> int:
     if meta is not None:
         load_editor_state(args.checkpoint, session.editor)
     records = api.load_split(data, "eval", cfg)
-    curve_at = tuple(int(x) for x in args.curve.split(",") if x.strip())
+    try:
+        curve_at = tuple(int(x) for x in args.curve.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--curve: expected comma-separated batch counts such as 1,2,5, got {args.curve!r}") from None
     rows = [("unedited", api.evaluate_protocol(session, records, mode, n_edits, t, edit=False, progress=progress,
                                                batch_size=args.batch_size))]
     if meta is not None:

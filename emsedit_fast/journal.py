@@ -447,13 +447,23 @@ class Journal:
             self.torn_tail = True
             log.warning("%s: ignoring a torn last line (%d bytes; an interrupted append)", self.jsonl,
                         len(raw) - len(complete))
-        for lineno, line in enumerate(complete.decode("utf-8").splitlines(), 1):
+        try:
+            text = complete.decode("utf-8")
+        except UnicodeDecodeError as err:
+            lineno = complete.count(b"\n", 0, err.start) + 1
+            raise JournalError(f"{self.jsonl}: line {lineno} is corrupt (not UTF-8 at byte {err.start})") from None
+        for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                self.lines.append(json.loads(line))
+                event = json.loads(line)
             except json.JSONDecodeError as err:
                 raise JournalError(f"{self.jsonl}: line {lineno} is corrupt ({err})") from None
+            if not (isinstance(event, dict) and event.get("type") in ("edit", "revert")
+                    and isinstance(event.get("id"), int) and (event["type"] == "revert" or "factors" in event)):
+                raise JournalError(f"{self.jsonl}: line {lineno} is corrupt (not an edit or revert event: "
+                                   f"{line[:80]!r})")
+            self.lines.append(event)
         self._n_bytes = len(complete)
 
     @property

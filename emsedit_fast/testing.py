@@ -145,3 +145,74 @@ def require_backend(backend: str, device: str) -> None:
     why = availability(device).get(backend)
     if why is not None:
         pytest.skip(f"{backend} unavailable on {device}: {why}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Whole-call input factories (shared by benchmarks/ and any test that needs realistic op inputs).
+#
+# Magnitudes follow what the editors see: keys are unit-scale activations, value-gradients are small (1e-3),
+# weights are initialised like an LLM's (std 0.02), low-rank factors and targets are small, so updates change W by a
+# fraction of an ulp-to-percent, as real edits do. Everything is drawn on the CPU from a seeded generator (same values
+# on every device) and filled in place, so a large weight costs one allocation.
+
+
+def _filled(shape: tuple[int, ...], *, seed: int, scale: float, dtype: torch.dtype,
+            device: str | torch.device) -> torch.Tensor:
+    t = torch.empty(shape, dtype=torch.float32).normal_(generator=generator(seed))
+    if scale != 1.0:
+        t.mul_(scale)
+    return t.to(dtype=dtype, device=device)
+
+
+def edit_rows(n_rows: int, d_in: int, d_out: int, *, seed: int, device: str | torch.device = "cpu",
+              grad_scale: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Captured rows of one shape group: keys U (n_rows, d_in) ~ N(0, 1) and value-grads (n_rows, d_out), fp32."""
+    keys = _filled((n_rows, d_in), seed=seed, scale=1.0, dtype=torch.float32, device=device)
+    grads = _filled((n_rows, d_out), seed=seed + 1, scale=grad_scale, dtype=torch.float32, device=device)
+    return keys, grads
+
+
+def running_stats_state(d: int, *, seed: int, count: float = 128.0,
+                        device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """A consistent normaliser state after `count` rows: count (1,) f64; mean, var, std (D,) fp32 with
+    std = sqrt(var * count / (count - 1))."""
+    mean = _filled((d,), seed=seed, scale=0.1, dtype=torch.float32, device=device)
+    var = (1.0 + _filled((d,), seed=seed + 1, scale=0.2, dtype=torch.float32, device=device)).square()
+    std = (var * (count / (count - 1.0))).sqrt()
+    return {"count": torch.full((1,), float(count), dtype=torch.float64, device=device), "mean": mean, "var": var,
+            "std": std}
+
+
+def layer_weights(n_layers: int, d_in: int, d_out: int, *, seed: int, dtype: torch.dtype = torch.float32,
+                  transposed: bool = False, device: str | torch.device = "cpu",
+                  scale: float = 0.02) -> list[torch.Tensor]:
+    """n_layers edited weights in storage layout: (d_out, d_in) (nn.Linear) or (d_in, d_out) (transposed, Conv1D)."""
+    shape = (d_in, d_out) if transposed else (d_out, d_in)
+    return [_filled(shape, seed=seed + 7 * i, scale=scale, dtype=dtype, device=device) for i in range(n_layers)]
+
+
+def low_rank_factors(n_layers: int, n_rows: int, d_in: int, d_out: int, *, seed: int,
+                     device: str | torch.device = "cpu",
+                     coeff_scale: float = 1e-3) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Factors of dW_l = M_l^T K_l: coeffs M_l (n_rows, d_out) (small) and keys K_l (n_rows, d_in) ~ N(0, 1), fp32."""
+    coeffs = [_filled((n_rows, d_out), seed=seed + 5 * i, scale=coeff_scale, dtype=torch.float32, device=device)
+              for i in range(n_layers)]
+    keys = [_filled((n_rows, d_in), seed=seed + 5 * i + 1, scale=1.0, dtype=torch.float32, device=device)
+            for i in range(n_layers)]
+    return coeffs, keys
+
+
+def ridge_problem(n_layers: int, n_rows: int, d_in: int, d_out: int, *, seed: int,
+                  device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batched ridge inputs: keys (L, n, d_in) ~ N(0, 1), targets (L, n, d_out) (small), log_ridge (L,) near 0."""
+    keys = _filled((n_layers, n_rows, d_in), seed=seed, scale=1.0, dtype=torch.float32, device=device)
+    targets = _filled((n_layers, n_rows, d_out), seed=seed + 1, scale=1e-3, dtype=torch.float32, device=device)
+    log_ridge = _filled((n_layers,), seed=seed + 2, scale=0.1, dtype=torch.float32, device=device)
+    return keys, targets, log_ridge
+
+
+def hypernet_blocks(d: int, rank: int, n_layers: int, n_blocks: int, *, seed: int,
+                    device: str | torch.device = "cpu") -> list[dict[str, torch.Tensor]]:
+    """Parameters of n_blocks trained-like blocks (see `hypernet_params`), one dict per block."""
+    return [hypernet_params(d, rank, n_layers, seed=seed + 10 * i, trained=True, device=device)
+            for i in range(n_blocks)]

@@ -203,6 +203,23 @@ class MetaTrainer:
         return self.report
 
     def _sequential_batch(self, tuples, ref, recent) -> float:
+        # A refused batch is skipped as a whole: the weights, normaliser statistics and recent batches go back to
+        # where they were before it (its earlier steps stay out of the model, a non-finite batch out of the decayed
+        # loss of the batches after it).
+        editor = self.editor
+        weights = ops.snapshot(editor.weights())
+        stats = {k: v.clone() for k, v in editor.state_dict().items() if k.endswith(("count", "mean", "var", "std"))}
+        kept = list(recent)
+        try:
+            return self._sequential_batch_steps(tuples, ref, recent)
+        except EditRefused:
+            ops.restore_(editor.weights(), weights, backend=editor.backend)
+            editor.load_state_dict(stats, strict=False)
+            recent.clear()
+            recent.extend(kept)
+            raise
+
+    def _sequential_batch_steps(self, tuples, ref, recent) -> float:
         cfg, editor = self.cfg, self.editor
         records = self._apply_steps(tuples, range(editor.cfg.n_steps))
         recent.appendleft((tuples, ref))

@@ -103,16 +103,22 @@ def _tokens(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]]
 
 
+def _short(text: Any, limit: int = 60) -> str:
+    """repr of `text`, elided in the middle past `limit` characters (error messages stay one readable line)."""
+    shown = repr(text)
+    return shown if len(shown) <= limit else f"{shown[:limit // 2]}...{shown[-(limit // 2):]} ({len(text)} chars)"
+
+
 def _check_pair(prompt: str, answer: str, p: list[int], a: list[int], max_length: int) -> None:
     if not isinstance(prompt, str) or not prompt.strip() or not p:
-        raise ValueError(f"collate: prompt {prompt!r} is empty or tokenises to nothing")
+        raise ValueError(f"collate: prompt {_short(prompt)} is empty or tokenises to nothing")
     if not isinstance(answer, str) or not answer.strip() or not a:
-        raise ValueError(f"collate: answer {answer!r} (with its leading space) of prompt {prompt!r} tokenises to "
-                         "nothing")
+        raise ValueError(f"collate: answer {_short(answer)} (with its leading space) of prompt {_short(prompt)} "
+                         "tokenises to nothing")
     if len(p) + len(a) - 1 > max_length:
-        raise ValueError(f"collate: prompt {prompt!r} with answer {answer!r} is {len(p) + len(a) - 1} tokens "
-                         f"(prompt {len(p)}, answer {len(a)}), more than max_length={max_length}; prompts are never "
-                         "truncated silently")
+        raise ValueError(f"collate: prompt {_short(prompt)} with answer {_short(answer)} is {len(p) + len(a) - 1} "
+                         f"tokens (prompt {len(p)}, answer {len(a)}), more than max_length={max_length}; prompts are "
+                         "never truncated silently")
 
 
 def tokenize_pair(tokenizer: Any, prompt: str, answer: str, max_length: int = 128) -> tuple[list[int], list[int]]:

@@ -42,7 +42,19 @@ def tokenize_batch(tokenizer, records: Sequence[EditRecord], micro_batch: int = 
     records = list(records)
     if not records:
         raise ValueError("an edit batch needs at least one record")
-    edit = collate(tokenizer, _pairs(records, "edit"), micro_batch, max_length).to(device)
-    equiv = collate(tokenizer, _pairs(records, "equiv"), micro_batch, max_length).to(device) if need_equiv else None
-    unrel = collate(tokenizer, _pairs(records, "unrel"), micro_batch, max_length).to(device) if need_unrel else None
+
+    def view(which):
+        try:
+            return collate(tokenizer, _pairs(records, which), micro_batch, max_length).to(device)
+        except ValueError:  # name the record: redo each alone (only on this error path)
+            for r in records:
+                try:
+                    collate(tokenizer, _pairs([r], which), micro_batch, max_length)
+                except ValueError as err:
+                    raise ValueError(f"record {r.case_id!r} ({which} tuple): {err}") from None
+            raise
+
+    edit = view("edit")
+    equiv = view("equiv") if need_equiv else None
+    unrel = view("unrel") if need_unrel else None
     return EditBatch(records, edit, equiv, unrel)

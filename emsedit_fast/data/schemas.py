@@ -395,6 +395,8 @@ def detect_format(obj: dict[str, Any]) -> str | None:
         return "counterfact"
     if {"prompt", "target_new"} <= keys:
         return "facts"
+    if keys & {"prompt", "target_new"} and keys <= set(PLAIN_KEYS):
+        return "facts"  # a plain record missing one of them: the facts parser then names the missing field
     return None
 
 
@@ -494,7 +496,10 @@ def load_records(path: str | os.PathLike, format: str = "auto", *, skip_invalid:
     path = os.fspath(path)
     if format != "auto" and format not in _PARSERS:
         raise DataError(f"{path}: unknown format {format!r}; expected 'auto' or one of {FORMATS}")
-    objects, where = _read_objects(path)
+    try:
+        objects, where = _read_objects(path)
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to be a records file") from None
     if not isinstance(objects, list):
         raise DataError(f"{path}: expected a JSON list of records, got a JSON {type(objects).__name__}")
     if not objects:

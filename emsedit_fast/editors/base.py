@@ -203,6 +203,11 @@ class Editor(nn.Module):
             net = self.net(step, g)
             keys, grads, idx = cap.stack(group)  # (m n, d_in), (m n, d_out), (m n,)
             keys, grads = keys.float(), grads.float()
+            # Refuse before anything consumes them: non-finite rows would poison the running statistics, and the
+            # fast solvers' fallbacks raise (instead of returning NaN) on a non-finite system.
+            if not (torch.isfinite(keys).all() and torch.isfinite(grads).all()):
+                raise EditRefused(f"step {step + 1}: non-finite keys or value-grads for {', '.join(group.names)}; "
+                                  "the model was left unchanged")
             if update_stats:
                 net.stats.update_(keys, grads, backend=self.backend)
             mean, std = net.stats.mean.clone(), net.stats.scale().clone()
@@ -213,6 +218,9 @@ class Editor(nn.Module):
                 solution, factor_keys, form = coeffs.view(m, n, -1), z[:, :group.d_in].reshape(m, n, -1), "outer"
             else:
                 targets, _ = ops.value_targets(keys, z, net.eta, idx, backend=self.backend)
+                if not torch.isfinite(targets).all():
+                    raise EditRefused(f"step {step + 1}: non-finite value targets (hypernetwork output or eta) for "
+                                      f"{', '.join(group.names)}; the model was left unchanged")
                 form = self.solve_form(n, group.d_in)
                 solution = ops.ridge_solve(keys.view(m, n, -1), targets.view(m, n, -1), net.log_ridge, form,
                                            backend=self.backend)
@@ -235,6 +243,14 @@ class Editor(nn.Module):
                 if norms[worst] > self.cfg.max_delta_norm:
                     raise EditRefused(f"step {record.step + 1}: ||dW|| = {norms[worst]:.4g} for {names[worst]} exceeds "
                                       f"max_delta_norm {self.cfg.max_delta_norm:g}; the model was left unchanged")
+
+    def _check_applied(self, record: StepRecord, before: list[torch.Tensor]) -> None:
+        """Refuse (EditRefused) a step that turned a finite weight non-finite: finite factors can still overflow
+        the weights' dtype (fp16 above 65504, or any dtype near its range)."""
+        for m, w, w0 in zip(self.modules_, self.weights(), before):
+            if not torch.isfinite(w).all() and torch.isfinite(w0).all():
+                raise EditRefused(f"step {record.step + 1}: the update overflowed {m.name} ({w.dtype}) to non-finite "
+                                  "values; the model was left unchanged")
 
     @torch.no_grad()
     def apply_step(self, record: StepRecord) -> None:
@@ -260,6 +276,8 @@ class Editor(nn.Module):
         K defaults to the configured n_steps; a sequential editor cannot run more steps than it has networks.
         Every step is checked before it is applied: on EditRefused the model is restored bit for bit.
         """
+        if n_steps is not None and n_steps < 1:
+            raise ValueError(f"n_steps must be >= 1 (or None for the configured {self.cfg.n_steps}), got {n_steps}")
         k_steps = n_steps or self.cfg.n_steps
         if self.regime == "sequential" and k_steps > len(self.nets):
             raise ValueError(f"this sequential editor has {len(self.nets)} step networks; cannot run {k_steps} steps")
@@ -277,6 +295,7 @@ class Editor(nn.Module):
                     rec = self.predict_deltas(cap, k, update_stats=update_stats)
                     self.check_record(rec)
                     self.apply_step(rec)
+                    self._check_applied(rec, before)
                     records.append(rec)
             except BaseException:
                 ops.restore_(self.weights(), before, backend=self.backend)
@@ -302,6 +321,8 @@ class Editor(nn.Module):
         if pos == len(self.history) and entry.before is not None:
             ops.restore_(self.weights(), entry.before, backend=self.backend)
             return
+        for later in self.history:  # their pre-edit snapshots still contain the removed edit: stale from now on
+            later.before = None
         self.replay()
 
     @torch.no_grad()
