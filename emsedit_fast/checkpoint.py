@@ -55,7 +55,8 @@ def _git_sha() -> str | None:
         return None
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -162,7 +163,7 @@ def save_checkpoint(path: str, editor, cfg: RunConfig, trainer=None, extra_meta:
             "modules": [{"name": m.name, "d_in": m.d_in, "d_out": m.d_out, "transposed": m.transposed}
                         for m in editor.modules_],
             "training_step": trainer.step if trainer is not None else None,
-            "files": {name: _sha256(os.path.join(tmp, name)) for name in files},
+            "files": {name: sha256_file(os.path.join(tmp, name)) for name in files},
             **(extra_meta or {}),
         }
         with open(os.path.join(tmp, "meta.json"), "w") as f:
@@ -211,7 +212,7 @@ def read_meta(path: str) -> dict:
         file = os.path.join(path, name)
         if not os.path.exists(file):
             raise CheckpointError(f"{path}: {name} missing")
-        if _sha256(file) != digest:
+        if sha256_file(file) != digest:
             raise CheckpointError(f"{file}: contents do not match the hash in meta.json (corrupt or truncated)")
     return meta
 

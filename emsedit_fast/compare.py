@@ -18,10 +18,9 @@ import json
 import logging
 import os
 import sys
-import time
 
+from emsedit_fast.cli import run_command
 from emsedit_fast.config import SMALL_MODEL_PROFILE
-from emsedit_fast.config import ConfigError
 from emsedit_fast.config import load
 
 log = logging.getLogger("emsedit_fast.compare")
@@ -55,15 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return _run(args)
-    except (ConfigError, ValueError, FileNotFoundError, ImportError, RuntimeError) as err:
-        if args.verbose:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_command(args, _run)
 
 
 def _run(args) -> int:
@@ -110,8 +101,9 @@ def _run(args) -> int:
         log.info("%s: %s", method, {k2: v for k2, v in metrics.items() if isinstance(v, float)})
         with open(os.path.join(args.output, "results.json"), "w") as f:
             json.dump({"rows": rows, "args": vars(args)}, f, indent=2, default=str)
-    title = (f"{args.model}, train {args.train_data} ({args.n_batches} {'batches' if args.mode == 'sequential' else 'steps'} "
-             f"x {args.n_edits} edits), eval {args.eval_data}: {args.mode} {t} x {args.n_edits} edits, seed {args.seed}, "
+    unit = "batches" if args.mode == "sequential" else "steps"
+    title = (f"{args.model}, train {args.train_data} ({args.n_batches} {unit} x {args.n_edits} edits), eval "
+             f"{args.eval_data}: {args.mode} {t} x {args.n_edits} edits, seed {args.seed}, "
              f"device {device} ({torch.get_num_threads()} threads)")
     table = results_table(rows, title)
     print("\n" + table + "\n")

@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 
-from emsedit_fast.config import ConfigError
+from emsedit_fast.cli import run_command
 
 log = logging.getLogger("emsedit_fast.evaluate")
 
@@ -85,15 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="evaluation forward batch size")
     parser.add_argument("--output", default="runs/evaluate")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return _run(args)
-    except (ConfigError, ValueError, FileNotFoundError, ImportError, RuntimeError) as err:
-        if args.verbose:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_command(args, _run)
 
 
 def _run(args) -> int:

@@ -39,7 +39,6 @@ and replay uses them, refusing to switch silently unless allow_backend_change=Tr
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -54,6 +53,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from emsedit_fast import ops
+from emsedit_fast.checkpoint import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -246,14 +246,6 @@ def apply_edit_(weights: dict[str, torch.Tensor], edit: EditFactors, *, allow_ba
 # files
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _fsync_dir(path: str) -> None:
     with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened for fsync
         fd = os.open(path, os.O_RDONLY)
@@ -273,7 +265,7 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadat
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        digest = _sha256(tmp)
+        digest = sha256_file(tmp)
         os.replace(tmp, path)
         _fsync_dir(folder)
     except BaseException:
@@ -506,7 +498,7 @@ class Journal:
         path = os.path.join(self.path, entry["factors"])
         if not os.path.exists(path):
             raise JournalError(f"{path}: factors of edit {edit_id} missing (the journal and its folder disagree)")
-        if _sha256(path) != entry["factors_sha256"]:
+        if sha256_file(path) != entry["factors_sha256"]:
             raise JournalError(f"{path}: contents do not match the sha256 recorded for edit {edit_id}")
         edits, _ = load_edit_file(path)
         edit = edits[0]

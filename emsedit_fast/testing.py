@@ -57,7 +57,7 @@ def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor, *, k
 
 def assert_relative_rule(fast: torch.Tensor, ref_same_dtype: torch.Tensor, oracle: torch.Tensor, *,
                          dtype: torch.dtype, label: str = "") -> None:
-    """|fast - oracle|_max <= 2 |ref - oracle|_max + floor(dtype): the fast path is no worse than twice the reference."""
+    """|fast - oracle|_max <= 2 |ref - oracle|_max + floor(dtype): the fast path at most twice the reference's error."""
     assert fast.shape == oracle.shape, f"[{label}] shape {tuple(fast.shape)} != {tuple(oracle.shape)}"
     o = oracle.detach().double().cpu()
     err_fast = (fast.detach().double().cpu() - o).abs().max().item() if o.numel() else 0.0
@@ -78,7 +78,8 @@ def assert_ulp_close(actual: torch.Tensor, expected: torch.Tensor, *, ulps: int 
     e = torch.where(e < 0, -(e + top), e)
     dist = (a - e).abs()
     worst = int(dist.max()) if dist.numel() else 0
-    assert worst <= ulps, f"[{label}] {int((dist > ulps).sum())} elements differ by more than {ulps} ulp (worst {worst})"
+    n_bad = int((dist > ulps).sum())
+    assert worst <= ulps, f"[{label}] {n_bad} elements differ by more than {ulps} ulp (worst {worst})"
 
 
 # ----------------------------------------------------------------------------------------------------------------------

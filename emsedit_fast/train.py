@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from emsedit_fast.config import ConfigError
+from emsedit_fast.cli import run_command
 from emsedit_fast.config import SMALL_MODEL_PROFILE
 from emsedit_fast.config import RunConfig
 from emsedit_fast.config import load
@@ -83,24 +83,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N training batches")
     parser.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return _run(args)
-    except (ConfigError, ValueError, FileNotFoundError, ImportError, RuntimeError) as err:
-        if args.verbose:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_command(args, _run)
 
 
 def _run(args) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from emsedit_fast import api
-    from emsedit_fast.report import results_table
     from emsedit_fast.checkpoint import load_editor_state
     from emsedit_fast.checkpoint import save_checkpoint
+    from emsedit_fast.report import results_table
     from emsedit_fast.training import MetaTrainer
 
     cfg = resolve_config(args, MAIN_JOB)

@@ -96,7 +96,8 @@ class MetaTrainer:
                 if self.cfg.kl_reference == "original":
                     ops.restore_(self.editor.weights(), current, backend=self.editor.backend)
 
-    def weight_grads(self, terms: list[tuple[float, object, torch.Tensor | None]]) -> tuple[float, dict[str, WeightGrad]]:
+    def weight_grads(self, terms: list[tuple[float, object, torch.Tensor | None]]
+                     ) -> tuple[float, dict[str, WeightGrad]]:
         """dL/dW for every edited module, factored, for L = sum_terms w (edit_coef CE(equiv) + loc_coef KL(unrel))
         + reg_coef sum_l ||W_l - W_l^0||^2 (loss 'l2'). terms: (weight, tuples, reference logits or None)."""
         cfg, editor = self.cfg, self.editor
@@ -247,7 +248,8 @@ class MetaTrainer:
             records = self._apply_steps(tuples, range(k, k + 1))
             loss, grads = self.weight_grads([(1.0, tuples, ref)])
             if before is not None:
-                ops.restore_(editor.weights(), before, backend=editor.backend)  # exact revert (the published code subtracts: not exact)
+                # exact revert (the published code subtracts the update again: not exact in low precision)
+                ops.restore_(editor.weights(), before, backend=editor.backend)
             if not math.isfinite(loss):
                 raise EditRefused(f"non-finite meta-loss {loss} at step {k + 1}")
             editor.meta_backward(records, grads)

@@ -16,7 +16,6 @@ from emsedit_fast.ops import _registry
 from emsedit_fast.ops._dispatch import select
 
 
-
 def _autograd(backward_op):
     def setup_context(ctx, inputs, output):
         z, a, b, c, s, t, idx, relu_first, mean, std = inputs

@@ -39,7 +39,8 @@ def _check_rows(op, keys, value_grads, mean):
                   f"keys and value_grads must have the same number of rows, got {keys.shape[0]} and "
                   f"{value_grads.shape[0]}")
     d = keys.shape[1] + value_grads.shape[1]
-    _checks.check(mean.shape == (d,), op, f"statistics must have shape ({d},) = d_in + d_out, got ({_checks.shape(mean)})")
+    _checks.check(mean.shape == (d,), op,
+                  f"statistics must have shape ({d},) = d_in + d_out, got ({_checks.shape(mean)})")
     _checks.same_device(op, keys=keys, value_grads=value_grads, mean=mean)
 
 
