@@ -122,7 +122,8 @@ def machine_section(r: Results) -> str:
     lines = [
         f"- **Device:** {env.get('device', '?')} ({env.get('device_name', '?')}); CPU {env.get('cpu_model', '?')}, "
         f"{env.get('cpu_count', '?')} cores, {env.get('torch_threads', '?')} torch threads"
-        + (f"; {mi.get('cpu', {}).get('brand_raw')}" if mi.get("cpu", {}).get("brand_raw") else ""),
+        + (f"; {mi['cpu']['brand_raw']}" if mi.get("cpu", {}).get("brand_raw") not in (None, env.get("cpu_model"))
+           else ""),
         "- **Libraries:** " + ", ".join(f"{k} {v}" for k, v in ver.items()),
         f"- **Git revision:** `{git.get('sha', '?')}`" + (" (working tree had uncommitted changes)"
                                                           if git.get("dirty") else ""),
