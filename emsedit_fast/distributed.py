@@ -358,5 +358,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _exit_without_finalisation(code: int) -> None:
+    """Flush and leave with os._exit. After destroy_process_group, gloo's worker threads can still own tensors
+    whose destruction during interpreter finalisation needs the GIL; the process then aborts (SIGABRT, "terminate
+    called without an active exception") although every result is already written, and torchrun reports the run as
+    failed. Nothing is left to finalise at this point: the checkpoint and results.json are closed files."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit_without_finalisation(main())
