@@ -27,6 +27,7 @@
 namespace {
 
 using emsedit_fast::cpu::add_scaled_row;
+using emsedit_fast::cpu::parallel_grain;
 using emsedit_fast::cpu::sgemm;
 
 // 64 x 1024 fp32 = 256 KiB: the tile, plus the Y panel it reads (n x 1024), stays in a 1-2 MiB L2. 64 rows also keep
@@ -130,7 +131,12 @@ void apply_deltas_cpu(at::TensorList weights, at::TensorList coeffs, at::TensorL
   }
 
   const std::vector<Tile> tiles = make_tiles(dims, kTileRows, kTileCols);
-  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
+  int64_t work = 0;  // multiply-adds plus the read-modify-write of W
+  for (size_t l = 0; l < L; ++l) {
+    work += dims[l].first * dims[l].second * (ns[l] + 1);
+  }
+  const int64_t n_tiles = static_cast<int64_t>(tiles.size());
+  at::parallel_for(0, n_tiles, parallel_grain(work / std::max<int64_t>(n_tiles, 1)), [&](int64_t begin, int64_t end) {
     // One fp32 tile buffer per thread (kTileRows x kTileCols); only the low-precision layers use it.
     std::vector<float> buf;
     for (int64_t i = begin; i < end; ++i) {
@@ -177,7 +183,12 @@ void apply_deltas_dense_cpu(at::TensorList weights, at::TensorList shifts, const
   // Linear: W (d_out, d_in) gets S^T; each kBlock x kBlock block of S is transposed through an L1-resident buffer,
   // so both S and W are read in contiguous runs. Reads S once, reads and writes W once.
   const std::vector<Tile> tiles = make_tiles(dims, kBlock, transposed ? kTileCols : kBlock);
-  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
+  int64_t work = 0;  // elements of W
+  for (size_t l = 0; l < L; ++l) {
+    work += dims[l].first * dims[l].second;
+  }
+  const int64_t n_tiles = static_cast<int64_t>(tiles.size());
+  at::parallel_for(0, n_tiles, parallel_grain(work / std::max<int64_t>(n_tiles, 1)), [&](int64_t begin, int64_t end) {
     std::vector<float> buf(static_cast<size_t>(kBlock * kBlock));
     for (int64_t i = begin; i < end; ++i) {
       const Tile& tile = tiles[i];

@@ -34,6 +34,7 @@
 
 namespace {
 
+using emsedit_fast::cpu::parallel_grain;
 using emsedit_fast::cpu::sgemm;
 
 // fp32 machine epsilon: the normaliser's guard (reference.running_stats.EPS).
@@ -115,7 +116,7 @@ EMS_EXACT void normalise_rows(const Inputs& in, float* out) {
   const float* mu = in.mean.data_ptr<float>();
   const float* den = in.den.data();
   const int64_t D = in.D;
-  at::parallel_for(0, in.N, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, in.N, parallel_grain(D), [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       const float* xr = x + j * D;
       float* o = out + j * D;
@@ -193,7 +194,9 @@ at::Tensor hypernet_block_cpu(const at::Tensor& z_in, const at::Tensor& a_in, co
   // stage 2: tiles of p = a B, each followed by its epilogue while hot
   const int64_t row_tiles = (N + kFwdRows - 1) / kFwdRows;
   const int64_t col_tiles = (D + kFwdCols - 1) / kFwdCols;
-  at::parallel_for(0, row_tiles * col_tiles, 1, [&](int64_t begin, int64_t end) {
+  // work per tile: the rank-r GEMM and the epilogue
+  at::parallel_for(0, row_tiles * col_tiles, parallel_grain(kFwdRows * kFwdCols * (r + 1)), [&](int64_t begin,
+                                                                                              int64_t end) {
     std::vector<float> buf(static_cast<size_t>(kFwdRows * kFwdCols));  // one p tile per thread
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t r0 = (tile / col_tiles) * kFwdRows, rows = std::min(kFwdRows, N - r0);
@@ -311,7 +314,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const float* gp = gamma.data_ptr<float>();
   float* pip = pi.data_ptr<float>();
   const int64_t col_blocks = (D + kBwdCols - 1) / kBwdCols;
-  at::parallel_for(0, col_blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, col_blocks, parallel_grain(N * kBwdCols * (r + 1)), [&](int64_t begin, int64_t end) {
     std::vector<float> buf(static_cast<size_t>(kBwdRows * kBwdCols));  // one p tile per thread
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t c0 = blk * kBwdCols, cols = std::min(kBwdCols, D - c0);
@@ -353,7 +356,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     // dL/dx = dL/dz0 / (std + eps), in place (reads and writes dz once)
     float* gz = grad_z.data_ptr<float>();
     const float* den = in.den.data();
-    at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N, parallel_grain(D), [&](int64_t begin, int64_t end) {
       for (int64_t j = begin; j < end; ++j) {
         float* row = gz + j * D;
         for (int64_t k = 0; k < D; ++k) {

@@ -4,11 +4,15 @@
 #include <torch/extension.h>
 
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 #include "emsedit_fast/checks.h"
+#include "emsedit_fast/cpu_kernels.h"
 
 namespace {
+
+using emsedit_fast::cpu::parallel_grain;
 
 void restore_cpu(at::TensorList weights, at::TensorList snapshots) {
   EMS_CHECK(weights.size() == snapshots.size(), "restore_: ", weights.size(), " weights but ", snapshots.size(),
@@ -31,7 +35,14 @@ void restore_cpu(at::TensorList weights, at::TensorList snapshots) {
       chunks.emplace_back(dst + off, src + off, std::min(kChunk, bytes - off));
     }
   }
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+  int64_t bytes_total = 0;
+  for (const auto& chunk : chunks) {
+    bytes_total += std::get<2>(chunk);
+  }
+  const int64_t n_chunks = static_cast<int64_t>(chunks.size());
+  // work unit: 4 bytes (one fp32 element), so the grain matches the other kernels'
+  const int64_t grain = parallel_grain(bytes_total / 4 / std::max<int64_t>(n_chunks, 1));
+  at::parallel_for(0, n_chunks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       auto [dst, src, n] = chunks[i];
       std::memcpy(dst, src, static_cast<size_t>(n));

@@ -18,6 +18,7 @@
 
 namespace {
 
+using emsedit_fast::cpu::parallel_grain;
 using emsedit_fast::cpu::to_f32;
 
 // Columns per task of the update: 64 fp64 accumulator pairs (1 KiB) stay in registers / L1 while the task streams
@@ -98,7 +99,7 @@ void running_stats_update_cpu(const at::Tensor& count, const at::Tensor& mean, c
   // every column is reduced in row order whatever the thread count).
   const int64_t key_tasks = (d_in + kCols - 1) / kCols;
   const int64_t grad_tasks = (d_out + kCols - 1) / kCols;
-  at::parallel_for(0, key_tasks + grad_tasks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, key_tasks + grad_tasks, parallel_grain(m * kCols), [&](int64_t begin, int64_t end) {
     double shift[kCols], s1[kCols], s2[kCols];
     for (int64_t task = begin; task < end; ++task) {
       const bool is_key = task < key_tasks;
@@ -159,8 +160,7 @@ at::Tensor running_stats_normalize_cpu(const at::Tensor& keys_in, const at::Tens
   at::Tensor out = at::empty({m, D}, keys.options().dtype(at::kFloat));
   float* out_p = out.data_ptr<float>();
   // Rows in parallel; reads each input element once and writes each output element once.
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
-  at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, m, parallel_grain(D), [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, keys.scalar_type(), "running_stats_normalize_cpu", [&] {
         normalize_row(keys.data_ptr<scalar_t>() + j * d_in, mean_p, den.data(), out_p + j * D, d_in);

@@ -22,6 +22,7 @@
 namespace {
 
 using emsedit_fast::cpu::dot_f64;
+using emsedit_fast::cpu::parallel_grain;
 
 struct Args {
   at::Tensor keys, z, eta;
@@ -54,11 +55,6 @@ Args check_args(const at::Tensor& keys, const at::Tensor& z, const at::Tensor& e
           z.size(0),         keys.size(1),   z.size(1) - keys.size(1), L};
 }
 
-// Rows per task: enough work per task to amortise the scheduling.
-int64_t row_grain(int64_t d) {
-  return std::max<int64_t>(1, 8192 / std::max<int64_t>(d, 1));
-}
-
 std::tuple<at::Tensor, at::Tensor> value_targets_cpu(const at::Tensor& keys_in, const at::Tensor& z_in,
                                                      const at::Tensor& eta_in, const at::Tensor& idx) {
   const Args a = check_args(keys_in, z_in, eta_in, idx, "value_targets");
@@ -70,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor> value_targets_cpu(const at::Tensor& keys_in, 
   const float* ep = a.eta.data_ptr<float>();
   float* tp = targets.data_ptr<float>();
   float* cp = coeffs.data_ptr<float>();
-  at::parallel_for(0, N, row_grain(D), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N, parallel_grain(D), [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       const float* zrow = zp + j * D;
       // coeff = (-eta) * fp32(dot): the same two roundings as the reference's -eta[idx] * (u * u~).sum(1)
@@ -113,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor> value_targets_backward_cpu(const at::Tensor& 
   const float* ep = a.eta.data_ptr<float>();
   const float* pp = grad_targets.data_ptr<float>();
   float* gzp = grad_z.data_ptr<float>();
-  at::parallel_for(0, N, row_grain(D), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N, parallel_grain(D), [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       const float* u = kp + j * d_in;
       const float* zrow = zp + j * D;

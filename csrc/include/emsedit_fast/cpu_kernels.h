@@ -17,6 +17,7 @@
 #include <c10/util/Half.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -37,6 +38,22 @@
 #define EMS_EXACT  // clang fuses only within one expression (fp-contract=on): at most 1 ulp off, within tolerance
 #endif
 #define EMS_INLINE inline __attribute__((always_inline))
+
+namespace emsedit_fast::cpu {
+
+// --------------------------------------------------------------------------------------------------------------------
+// Grain of an at::parallel_for over tasks of `work_per_task` units (elements touched, or multiply-adds for GEMM
+// tiles). at::parallel_for runs on the calling thread when the range is no longer than its grain, and otherwise wakes
+// the thread pool, which costs tens of microseconds on an idle machine and milliseconds on a busy one. Grouping tasks
+// so that every chunk carries at least kMinParallelWork units keeps small inputs (a 32 KiB restore, a SmolLM2-size
+// value-target row block) on one thread, as ATen's own elementwise kernels do (their grain is 32768 elements).
+constexpr int64_t kMinParallelWork = int64_t{1} << 16;
+
+inline int64_t parallel_grain(int64_t work_per_task) {
+  return std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(work_per_task, 1));
+}
+
+}  // namespace emsedit_fast::cpu
 
 namespace emsedit_fast::cpu {
 
