@@ -47,10 +47,10 @@ def _extensions_and_cmdclass():
         return [], {}
     try:
         import torch
+        from torch.utils.cpp_extension import CUDA_HOME
         from torch.utils.cpp_extension import BuildExtension
         from torch.utils.cpp_extension import CppExtension
         from torch.utils.cpp_extension import CUDAExtension
-        from torch.utils.cpp_extension import CUDA_HOME
     except Exception as err:  # torch missing from the build environment
         if BUILD_EXT == "1":
             raise

@@ -169,18 +169,21 @@ def _protocol_batches(session: Session, records, mode: str, n_edits: int, n_batc
 
 def evaluate_protocol(session: Session, records: list[EditRecord], mode: str, n_edits: int, n_batches: int,
                       n_steps: int | None = None, *, edit: bool = True, progress: bool | None = None,
-                      batch_size: int = 16, curve_at: tuple[int, ...] = (), pre_edit=None) -> dict:
+                      batch_size: int = 16, curve_at: tuple[int, ...] = (), pre_edit=None,
+                      fluency_tokens: int = 0) -> dict:
     """Edit, then measure (METHOD.md 16.3), then put model and editor back exactly as they were.
 
     sequential: n_batches batches of n_edits, edited one after another; metrics on all of their records at the end.
     batch: one batch of n_edits edited at once. edit=False measures the unedited model on the same records.
     curve_at: in the sequential protocol, also score the records edited so far after these batch counts (the
     "metrics against the number of edits" curve). pre_edit: the unedited model's predictions on these records
-    (computed here when None; `protocol_pre_edit` computes them once for several editors). Returns the metrics
-    (percent) plus timing and the protocol.
+    (computed here when None; `protocol_pre_edit` computes them once for several editors). fluency_tokens > 0: also
+    generate that many tokens greedily from the records' generation prompts on the edited model and report their
+    n-gram entropy as "fluency" (METHOD.md 16.4). Returns the metrics (percent) plus timing and the protocol.
     """
     from emsedit_fast import ops
     from emsedit_fast.evaluation import evaluate_records
+    from emsedit_fast.evaluation import fluency
     from emsedit_fast.evaluation import pre_edit_predictions
 
     editor = session.editor
@@ -223,6 +226,12 @@ def evaluate_protocol(session: Session, records: list[EditRecord], mode: str, n_
                                   **point})
         metrics = evaluate_records(session.model, session.tokenizer, used, pre_edit=reference,
                                    batch_size=batch_size, max_length=cfg.model.max_length, progress=progress)
+        if fluency_tokens > 0:
+            metrics["fluency"], metrics["counts"]["fluency"] = fluency(
+                session.model, session.tokenizer, used, max_new_tokens=fluency_tokens, batch_size=batch_size,
+                progress=progress)
+            metrics["metric_protocol"]["fluency"] = (f"ROME n-gram entropy (2/3 H2 + 4/3 H3) / 2 of prompt + "
+                                                     f"{fluency_tokens} greedy tokens, mean over texts")
     finally:
         editor.reset()
         ops.restore_(editor.weights(), weights_before, backend=editor.backend)

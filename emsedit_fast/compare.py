@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -62,6 +61,7 @@ def _run(args) -> int:
 
     from emsedit_fast import api
     from emsedit_fast.report import results_table
+    from emsedit_fast.report import write_json
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHOD_NAMES]
@@ -99,8 +99,7 @@ def _run(args) -> int:
         rows.append((label(method), metrics))
         results[method] = metrics
         log.info("%s: %s", method, {k2: v for k2, v in metrics.items() if isinstance(v, float)})
-        with open(os.path.join(args.output, "results.json"), "w") as f:
-            json.dump({"rows": rows, "args": vars(args)}, f, indent=2, default=str)
+        write_json(os.path.join(args.output, "results.json"), {"rows": rows, "args": vars(args)})
     unit = "batches" if args.mode == "sequential" else "steps"
     title = (f"{args.model}, train {args.train_data} ({args.n_batches} {unit} x {args.n_edits} edits), eval "
              f"{args.eval_data}: {args.mode} {t} x {args.n_edits} edits, seed {args.seed}, "

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import sys
@@ -291,6 +290,7 @@ def train_data_parallel(cfg, *, editor_device=None, resume: str | None = None, p
     from emsedit_fast import api
     from emsedit_fast.checkpoint import load_editor_state
     from emsedit_fast.checkpoint import save_checkpoint
+    from emsedit_fast.report import write_json
 
     rank, world, local_rank, backend = init_process_group(backend)
     if backend == "nccl":
@@ -317,8 +317,7 @@ def train_data_parallel(cfg, *, editor_device=None, resume: str | None = None, p
         extra = {"distributed": {k: results[k] for k in ("world_size", "backend", "global_batch_edits")}}
         results["checkpoint"] = save_checkpoint(os.path.join(cfg.output, "checkpoint"), session.editor, cfg, trainer,
                                                 extra_meta=extra)
-        with open(os.path.join(cfg.output, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(os.path.join(cfg.output, "results.json"), results)
     dist.barrier()
     return session, trainer, results
 

@@ -14,7 +14,6 @@ per edit), and prints the table. The unedited model is always scored on the same
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -83,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, help="N batches for the sequential protocol")
     parser.add_argument("--curve", default="", help="also score after these batch counts, e.g. 1,2,5 (sequential)")
     parser.add_argument("--batch-size", type=int, default=16, help="evaluation forward batch size")
+    parser.add_argument("--fluency-tokens", type=int, default=0, metavar="N",
+                        help="also measure fluency: n-gram entropy of N greedy tokens per generation prompt (0: off)")
     parser.add_argument("--output", default="runs/evaluate")
     args = parser.parse_args(argv)
     return run_command(args, _run)
@@ -97,6 +98,7 @@ def _run(args) -> int:
     from emsedit_fast.checkpoint import read_meta
     from emsedit_fast.config import load
     from emsedit_fast.report import results_table
+    from emsedit_fast.report import write_json
     from emsedit_fast.train import resolve_config
 
     if args.checkpoint:
@@ -109,8 +111,11 @@ def _run(args) -> int:
         cfg = resolve_config(args)
     data = args.data or cfg.data.eval
     mode = cfg.train.mode
-    n_edits = args.n_edits or cfg.data.n_edits
-    t = args.batches or cfg.data.eval_batches
+    n_edits = args.n_edits if args.n_edits is not None else cfg.data.n_edits
+    t = args.batches if args.batches is not None else cfg.data.eval_batches
+    for flag, value in (("--n-edits", n_edits), ("--batches", t), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     cfg = dataclasses.replace(cfg, output=args.output)
     os.makedirs(args.output, exist_ok=True)
     progress = False if args.no_progress else None
@@ -122,13 +127,16 @@ def _run(args) -> int:
         curve_at = tuple(int(x) for x in args.curve.split(",") if x.strip())
     except ValueError:
         raise ValueError(f"--curve: expected comma-separated batch counts such as 1,2,5, got {args.curve!r}") from None
+    if args.fluency_tokens < 0:
+        raise ValueError(f"--fluency-tokens must be >= 0, got {args.fluency_tokens}")
     rows = [("unedited", api.evaluate_protocol(session, records, mode, n_edits, t, edit=False, progress=progress,
-                                               batch_size=args.batch_size))]
+                                               batch_size=args.batch_size, fluency_tokens=args.fluency_tokens))]
     if meta is not None:
         k = args.steps or cfg.editor.n_steps
         rows.append((f"{cfg.editor.name} K={k}",
                      api.evaluate_protocol(session, records, mode, n_edits, t, k, progress=progress,
-                                           batch_size=args.batch_size, curve_at=curve_at)))
+                                           batch_size=args.batch_size, curve_at=curve_at,
+                                           fluency_tokens=args.fluency_tokens)))
     shown = t if mode == "sequential" else 1
     title = (f"{cfg.model.name}, {data}: {mode} {shown} x {n_edits} edits, seed {cfg.seed}, device {session.device}"
              + (f", checkpoint {args.checkpoint} (trained {meta['training_step']} batches)" if meta else ""))
@@ -139,9 +147,8 @@ def _run(args) -> int:
         f.write("# Evaluation report\n\n" + table + "\n")
         for path in plots:
             f.write(f"\n![{os.path.basename(path)}]({os.path.basename(path)})\n")
-    with open(os.path.join(args.output, "results.json"), "w") as f:
-        json.dump({"title": title, "rows": {name: m for name, m in rows}, "checkpoint": args.checkpoint,
-                   "data": data}, f, indent=2, default=str)
+    write_json(os.path.join(args.output, "results.json"),
+               {"title": title, "rows": {name: m for name, m in rows}, "checkpoint": args.checkpoint, "data": data})
     log.info("wrote %s", ", ".join([os.path.join(args.output, n) for n in ("results.json", "report.md")] + plots))
     return 0
 

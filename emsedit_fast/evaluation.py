@@ -8,7 +8,8 @@ vectorised over rows and positions.
 - `token_agreement` (+ `answer_argmax` to store the pre-edit argmax): LS-agree, agreement with the unedited model.
 - `margin_success`: CounterFact new-vs-old token margin (16.2), per-row successes and scored counts.
 - `sequence_logprob` / `seq_logprob_success`: the ROME/MEMIT criterion (option cf_score = seq_prob).
-- `ngram_entropy`: fluency of free generations (16.4).
+- `ngram_entropy`: fluency of free generations (16.4); `fluency` generates them greedily (`generate_greedy`) from
+  the records' generation prompts and scores them.
 
 `evaluate(model, tokenizer, records, ...)` runs the model over every probe of the records and reduces the scores per
 the record kind's metric family (`evaluate_records` returns the same as a flat dict); `pre_edit_predictions` runs the
@@ -150,6 +151,66 @@ def ngram_entropy(texts: Iterable[str], ns: Sequence[int] = (2, 3), weights: Seq
     repetitive generations score low."""
     scores = [text_ngram_entropy(t, ns, weights, tokenize) for t in texts]
     return sum(scores) / len(scores) if scores else float("nan")
+
+
+def generation_prompts(records: Sequence[EditRecord]) -> list[str]:
+    """The prompts fluency is measured on: each record's generation_prompts, or its edit prompt when it has none
+    (flat CounterFact and zsRE records carry no generation prompts)."""
+    return [p for r in records for p in (r.generation_prompts or (r.prompt,))]
+
+
+def generate_greedy(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 64,
+                    batch_size: int = 16, device: torch.device | str | None = None,
+                    progress: bool | None = None) -> list[str]:
+    """Greedy (deterministic) generation: for each prompt, the prompt followed by up to `max_new_tokens` generated
+    tokens, as text (ROME scores fluency on the whole text). Left-padded batches through `model.generate`, so each
+    row's continuation starts right after its own last prompt token (padding with the pad token, or eos where the
+    tokenizer has none). The model runs in eval mode under no_grad; its training flag is restored."""
+    if max_new_tokens < 1:
+        raise ValueError(f"generate_greedy: max_new_tokens must be >= 1, got {max_new_tokens}")
+    device = torch.device(device) if device is not None else _model_device(model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("generate_greedy: the tokenizer has neither a pad nor an eos token to pad prompts with")
+    texts: list[str] = []
+    was_training = model.training
+    model.eval()
+    n_batches = (len(prompts) + batch_size - 1) // batch_size
+    try:
+        with torch.no_grad(), _progress(n_batches, progress, "generate") as bar:
+            for start in range(0, len(prompts), batch_size):
+                chunk = list(prompts[start:start + batch_size])
+                enc = _pad_left(tokenizer, chunk, pad_id)
+                ids = model.generate(input_ids=enc["input_ids"].to(device),
+                                     attention_mask=enc["attention_mask"].to(device), max_new_tokens=max_new_tokens,
+                                     do_sample=False, pad_token_id=pad_id)
+                width = enc["input_ids"].shape[1]
+                for prompt, row in zip(chunk, ids[:, width:]):
+                    texts.append(prompt + tokenizer.decode(row, skip_special_tokens=True))
+                bar.update(1)
+    finally:
+        model.train(was_training)
+    return texts
+
+
+def _pad_left(tokenizer: Any, prompts: list[str], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded input_ids and attention_mask (B, longest prompt), built by hand so that tokenizers without a pad
+    token work too."""
+    rows = [tokenizer(p)["input_ids"] for p in prompts]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + list(r) for r in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def fluency(model: torch.nn.Module, tokenizer: Any, records: Sequence[EditRecord], *, max_new_tokens: int = 64,
+            batch_size: int = 16, device: torch.device | str | None = None,
+            progress: bool | None = None) -> tuple[float, int]:
+    """(ngram_entropy of the greedy generations from `generation_prompts(records)`, number of texts)."""
+    prompts = generation_prompts(records)
+    texts = generate_greedy(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                            device=device, progress=progress)
+    return ngram_entropy(texts), len(texts)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,11 +1,17 @@
-"""Markdown result tables shared by the train, compare and evaluate commands."""
+"""Result files shared by the train, compare, evaluate and distributed commands: Markdown tables and JSON."""
 
 from __future__ import annotations
 
+import json
+import math
+import os
+from typing import Any
+
 # (column, metric key of emsedit_fast.evaluation): LS is the CounterFact margin, LS-gold the zsRE/facts accuracy
-# against the gold answer, LS-agree the agreement with the unedited model's predictions, Port. two-hop portability.
+# against the gold answer, LS-agree the agreement with the unedited model's predictions, Port. two-hop portability,
+# Fluency the n-gram entropy of greedy generations (bits, not percent).
 METRIC_COLUMNS = (("ES", "es"), ("GS", "gs"), ("LS", "ls"), ("LS-gold", "ls_gold"), ("LS-agree", "ls_agree"),
-                  ("Port.", "ps"))
+                  ("Port.", "ps"), ("Fluency", "fluency"))
 
 
 def results_table(rows: list[tuple[str, dict]], title: str) -> str:
@@ -20,3 +26,30 @@ def results_table(rows: list[tuple[str, dict]], title: str) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {'-' if train is None else f'{train:.3f}'} | "
                      f"{'-' if edit is None else f'{edit:.3f}'} |")
     return "\n".join(lines)
+
+
+def _json_ready(value: Any) -> Any:
+    """NaN and infinities become null (a metric with nothing to score is NaN; bare NaN is not JSON), other
+    non-JSON values their str()."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)
+
+
+def write_json(path: str, payload: Any) -> None:
+    """Write strict JSON atomically: a temporary file in the same folder, then os.replace, so a reader never sees
+    half a file and an interrupted run leaves the previous results in place."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(_json_ready(payload), f, indent=2, allow_nan=False)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

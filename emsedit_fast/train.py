@@ -8,7 +8,6 @@ against the same editor at K = 1. Prints a results table, writes results.json, r
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -93,6 +92,7 @@ def _run(args) -> int:
     from emsedit_fast.checkpoint import load_editor_state
     from emsedit_fast.checkpoint import save_checkpoint
     from emsedit_fast.report import results_table
+    from emsedit_fast.report import write_json
     from emsedit_fast.training import MetaTrainer
 
     cfg = resolve_config(args, MAIN_JOB)
@@ -155,8 +155,7 @@ def _run(args) -> int:
             with open(os.path.join(cfg.output, "results.md"), "w") as f:
                 f.write(table + "\n")
         results["total_seconds"] = time.perf_counter() - start
-        with open(os.path.join(cfg.output, "results.json"), "w") as f:
-            json.dump(results, f, indent=2, default=str)
+        write_json(os.path.join(cfg.output, "results.json"), results)
     return 0
 
 

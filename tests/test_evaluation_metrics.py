@@ -27,6 +27,9 @@ from emsedit_fast.data import bundled_facts
 from emsedit_fast.evaluation import answer_argmax
 from emsedit_fast.evaluation import evaluate
 from emsedit_fast.evaluation import evaluate_records
+from emsedit_fast.evaluation import fluency
+from emsedit_fast.evaluation import generate_greedy
+from emsedit_fast.evaluation import generation_prompts
 from emsedit_fast.evaluation import margin_success
 from emsedit_fast.evaluation import ngram_entropy
 from emsedit_fast.evaluation import pre_edit_predictions
@@ -335,3 +338,47 @@ def test_evaluate_tiny_llama_plumbing():
             p.add_(torch.randn_like(p))
     edited = evaluate(model, tok, records, pre_edit=pre, batch_size=16, progress=False)
     assert edited.metrics["ls_agree"] < 100.0
+
+
+def _greedy_by_hand(model, tok, prompt, n_tokens):
+    """Greedy decoding one token at a time on the unpadded prompt, full forward each step (no cache)."""
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        for _ in range(n_tokens):
+            nxt = model(input_ids=ids).logits[0, -1].argmax()
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+            if int(nxt) == model.config.eos_token_id:
+                break
+    width = tok(prompt, return_tensors="pt")["input_ids"].shape[1]
+    return prompt + tok.decode(ids[0, width:], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("pad", ["pad token", "eos only"])
+def test_generate_greedy_and_fluency_match_token_by_token_decoding(pad):
+    records = bundled_facts("eval")[:4]
+    tok = bpe_tokenizer(records)
+    if pad == "eos only":  # a LLaMA-style tokenizer without a pad token: prompts are padded with eos
+        tok.eos_token = "<bos>"
+        tok.pad_token = None
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=5)
+    model = LlamaForCausalLM(config)
+    model.train()
+    prompts = generation_prompts(records)
+    assert prompts == [p for r in records for p in (r.generation_prompts or (r.prompt,))] and len(prompts) >= 4
+    # prompts of different lengths in one left-padded batch decode exactly as each one alone
+    texts = generate_greedy(model, tok, prompts, max_new_tokens=6, batch_size=len(prompts), progress=False)
+    assert model.training
+    assert texts == [_greedy_by_hand(model, tok, p, 6) for p in prompts]
+    assert generate_greedy(model, tok, prompts, max_new_tokens=6, batch_size=1, progress=False) == texts
+    score, n = fluency(model, tok, records, max_new_tokens=6, batch_size=3, progress=False)
+    assert n == len(prompts) and score == pytest.approx(ngram_entropy(texts))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate_greedy(model, tok, prompts, max_new_tokens=0)
+
+
+def test_generation_prompts_fall_back_to_the_edit_prompt():
+    a = EditRecord(case_id="a", kind="zsre", prompt="p a", target_new="x")
+    b = EditRecord(case_id="b", kind="zsre", prompt="p b", target_new="y", generation_prompts=("g1", "g2"))
+    assert generation_prompts([a, b]) == ["p a", "g1", "g2"]

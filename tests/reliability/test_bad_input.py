@@ -197,6 +197,10 @@ CASES = [
     ("eval-bad-data", "evaluate", TINY + ["--unedited", "--data", "{truncated_json}", "--output", "{root}/ev"],
      ["truncated.json"]),
     ("eval-negative-n", "evaluate", TINY + ["--unedited", "--n-edits", "-3", "--output", "{root}/ev"], ["n_edits"]),
+    ("eval-batches-0", "evaluate", TINY + ["--unedited", "--batches", "0", "--output", "{root}/ev"],
+     ["--batches", ">= 1", "got 0"]),
+    ("eval-fluency-negative", "evaluate", TINY + ["--unedited", "--fluency-tokens", "-1", "--output", "{root}/ev"],
+     ["--fluency-tokens", ">= 0"]),
     # facts given to the edit command
     ("edit-blank-target", "edit", ["--editor-checkpoint", "{ckpt}", "--facts", "{blank_target}", "--journal",
                                    "{root}/j_blank", "--no-progress"],
