@@ -128,8 +128,14 @@ class RunConfig:
 
 # METHOD.md 14.4: the small-model profile (SmolLM2-135M and similar on a CPU or a small GPU). Rank 256; the step size
 # starts at 1e-3 rather than the 7B-scale 1e-6 (with 1e-6 an untrained editor's edits round away on a 576-wide model,
-# so short training budgets could not move it); Adam at 1e-4. Starting points to tune; every run records them.
-SMALL_MODEL_PROFILE = {"editor": {"rank": 256, "eta_init": 1e-3}, "train": {"meta_lr": 1e-4}}
+# so short training budgets could not move it); Adam at 1e-4 for the hypernetworks. Adam moves every parameter by
+# about its learning rate per step whatever the parameter's scale, so eta (1e-3) and log-ridge get 1e-4 * 0.01: at
+# the full rate eta crossed zero within 16 batches and every edit pointed the wrong way. The drift penalty
+# c * sum_l ||W_l - W_l^0||^2 grows with eta^2, so c shrinks from the 7B-scale 0.5 to 0.005 here (16 training batches
+# of 8 bundled edits, 3 x 8 held-out, K = 2: c = 0.5 / 0.05 / 0.005 / 0 gave ES 22 / 48 / 70 / 85 and LS 85 / 62 /
+# 52 / 40). Starting points to tune; every run records them.
+SMALL_MODEL_PROFILE = {"editor": {"rank": 256, "eta_init": 1e-3},
+                       "train": {"meta_lr": 1e-4, "scalar_lr_scale": 0.01, "reg_coef": 0.005}}
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
