@@ -53,10 +53,6 @@ inline int64_t parallel_grain(int64_t work_per_task) {
   return std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(work_per_task, 1));
 }
 
-}  // namespace emsedit_fast::cpu
-
-namespace emsedit_fast::cpu {
-
 // --------------------------------------------------------------------------------------------------------------------
 // GEMM on raw row-major buffers.
 //
