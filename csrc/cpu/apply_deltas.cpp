@@ -111,6 +111,7 @@ void apply_deltas_cpu(at::TensorList weights, at::TensorList coeffs, at::TensorL
   std::vector<std::pair<int64_t, int64_t>> dims(L);
   std::vector<const float*> xs(L), ys(L);
   std::vector<int64_t> ns(L);
+  int64_t work = 0;  // multiply-adds plus the read-modify-write of W, for the parallel grain
   for (size_t l = 0; l < L; ++l) {
     const at::Tensor& w = weights[l];
     check_weight(w, l, op);
@@ -128,13 +129,10 @@ void apply_deltas_cpu(at::TensorList weights, at::TensorList coeffs, at::TensorL
     if (ns[l] == 0) {
       dims[l] = {0, 0};
     }
+    work += dims[l].first * dims[l].second * (ns[l] + 1);
   }
 
   const std::vector<Tile> tiles = make_tiles(dims, kTileRows, kTileCols);
-  int64_t work = 0;  // multiply-adds plus the read-modify-write of W
-  for (size_t l = 0; l < L; ++l) {
-    work += dims[l].first * dims[l].second * (ns[l] + 1);
-  }
   const int64_t n_tiles = static_cast<int64_t>(tiles.size());
   at::parallel_for(0, n_tiles, parallel_grain(work / std::max<int64_t>(n_tiles, 1)), [&](int64_t begin, int64_t end) {
     // One fp32 tile buffer per thread (kTileRows x kTileCols); only the low-precision layers use it.
@@ -170,6 +168,7 @@ void apply_deltas_dense_cpu(at::TensorList weights, at::TensorList shifts, const
   EMS_CHECK(shifts.size() == L, op, ": need one shift per weight, got ", L, " weights, ", shifts.size(), " shifts");
   const std::vector<float> scale = alpha_values(alpha, L, op);
   std::vector<std::pair<int64_t, int64_t>> dims(L);
+  int64_t work = 0;  // elements of W, for the parallel grain
   for (size_t l = 0; l < L; ++l) {
     const at::Tensor& w = weights[l];
     check_weight(w, l, op);
@@ -177,16 +176,13 @@ void apply_deltas_dense_cpu(at::TensorList weights, at::TensorList shifts, const
     const int64_t d_in = transposed ? w.size(0) : w.size(1);
     check_factor(shifts[l], "shifts", l, d_in, d_out, op);
     dims[l] = {w.size(0), w.size(1)};
+    work += w.numel();
   }
 
   // Conv1D: W (d_in, d_out) and S (d_in, d_out) share a layout, so a tile is a plain row-wise add.
   // Linear: W (d_out, d_in) gets S^T; each kBlock x kBlock block of S is transposed through an L1-resident buffer,
   // so both S and W are read in contiguous runs. Reads S once, reads and writes W once.
   const std::vector<Tile> tiles = make_tiles(dims, kBlock, transposed ? kTileCols : kBlock);
-  int64_t work = 0;  // elements of W
-  for (size_t l = 0; l < L; ++l) {
-    work += dims[l].first * dims[l].second;
-  }
   const int64_t n_tiles = static_cast<int64_t>(tiles.size());
   at::parallel_for(0, n_tiles, parallel_grain(work / std::max<int64_t>(n_tiles, 1)), [&](int64_t begin, int64_t end) {
     std::vector<float> buf(static_cast<size_t>(kBlock * kBlock));

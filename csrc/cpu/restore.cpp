@@ -20,6 +20,7 @@ void restore_cpu(at::TensorList weights, at::TensorList snapshots) {
   // Cut every layer into ~1 MiB chunks and copy the chunks in parallel: a grouped memcpy.
   constexpr int64_t kChunk = int64_t{1} << 20;
   std::vector<std::tuple<char*, const char*, int64_t>> chunks;
+  int64_t bytes_total = 0;
   for (size_t l = 0; l < weights.size(); ++l) {
     const at::Tensor& w = weights[l];
     const at::Tensor& s = snapshots[l];
@@ -31,13 +32,10 @@ void restore_cpu(at::TensorList weights, at::TensorList snapshots) {
     char* dst = static_cast<char*>(w.data_ptr());
     const char* src = static_cast<const char*>(s.data_ptr());
     const int64_t bytes = w.numel() * w.element_size();
+    bytes_total += bytes;
     for (int64_t off = 0; off < bytes; off += kChunk) {
       chunks.emplace_back(dst + off, src + off, std::min(kChunk, bytes - off));
     }
-  }
-  int64_t bytes_total = 0;
-  for (const auto& chunk : chunks) {
-    bytes_total += std::get<2>(chunk);
   }
   const int64_t n_chunks = static_cast<int64_t>(chunks.size());
   // work unit: 4 bytes (one fp32 element), so the grain matches the other kernels'
