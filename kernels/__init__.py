@@ -1,9 +1,9 @@
-"""Triton kernels of emsedit_fast, installed as `emsedit_fast.kernels` (DESIGN.md section 2.2).
+"""Triton kernels of emsedit_fast, installed as `emsedit_fast.kernels` (docs/architecture.md, "Ops layer").
 
-Importing this package imports nothing heavy: neither triton nor torch. Each op family lives in its own module
-(`running_stats`, `hypernet_block`, `value_targets`, `ridge`, `apply_deltas`, `restore`); importing one of them
-imports triton and registers its ops as torch.ops.emsedit_fast.triton_<op> (`torch.library.triton_op`). The ops
-layer (emsedit_fast/ops/_registry.py) does that lazily, on first use.
+Importing this package does not import triton. Each op stem (emsedit_fast.ops.STEMS) lives in its own module;
+importing one of them imports triton and registers its ops as torch.ops.emsedit_fast.triton_<op>
+(`torch.library.triton_op`). The ops layer (emsedit_fast.ops._dispatch.triton_impl) does that lazily, on first use.
+The launchers take inputs already validated by the op's check in emsedit_fast/ops/<stem>.py and do not check again.
 
 On a machine without a GPU the kernels run only through Triton's interpreter, and TRITON_INTERPRET=1 must be in the
 environment before triton is imported (the flag is read when `@triton.jit` decorates).
@@ -14,8 +14,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-
-STEMS = ("running_stats", "hypernet_block", "value_targets", "ridge", "apply_deltas", "restore")
 
 
 def interpreting() -> bool:
@@ -46,4 +44,4 @@ def is_available() -> bool:
     return why_unavailable() is None
 
 
-__all__ = ["STEMS", "interpreting", "is_available", "why_unavailable"]
+__all__ = ["interpreting", "is_available", "why_unavailable"]

@@ -52,25 +52,6 @@ def dot_precision() -> str:
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
-def check_device(op: str, *tensors: torch.Tensor) -> None:
-    """Launchers validate, kernels do not: every tensor on one device that Triton can run on here."""
-    devices = {t.device for t in tensors if t is not None}
-    if len(devices) > 1:
-        raise ValueError(f"emsedit_fast.triton_{op}: all tensors must be on one device, got "
-                         f"{sorted(map(str, devices))}")
-    (device,) = devices or {torch.device("cpu")}
-    if INTERPRET:
-        return
-    if device.type != "cuda":
-        raise RuntimeError(f"emsedit_fast.triton_{op}: tensors are on {device}; Triton kernels need CUDA tensors, or "
-                           "TRITON_INTERPRET=1 set before triton is imported (CPU, correctness only)")
-
-
-def check(cond: bool, op: str, msg: str) -> None:
-    if not cond:
-        raise ValueError(f"emsedit_fast.triton_{op}: {msg}")
-
-
 def is_tracing(*tensors: torch.Tensor) -> bool:
     """True under torch.compile / fake-tensor tracing: no data pointers, no host syncs.
 

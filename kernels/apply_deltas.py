@@ -166,19 +166,6 @@ def _aliased(weights, group):
     return len({weights[ly].data_ptr() for ly in group}) < len(group)
 
 
-def _check_weights(op, weights, alpha, transposed):
-    _common.check(len(weights) > 0, op, "needs at least one weight")
-    for layer, w in enumerate(weights):
-        _common.check(w.dim() == 2 and w.dtype in (torch.float32, torch.bfloat16, torch.float16), op,
-                      f"weights[{layer}] must be a 2-D fp32/bf16/fp16 tensor, got {tuple(w.shape)} {w.dtype}")
-        _common.check(w.is_contiguous(), op, f"weights[{layer}] must be contiguous")
-    if alpha is not None:
-        _common.check(alpha.shape == (len(weights),) and alpha.dtype == torch.float32 and alpha.is_contiguous(), op,
-                      f"alpha must be a contiguous ({len(weights)},) fp32 tensor, got {tuple(alpha.shape)} "
-                      f"{alpha.dtype}")
-    _common.check_device(op, alpha, *weights)
-
-
 @triton_op("emsedit_fast::triton_apply_deltas_", mutates_args={"weights"})
 def apply_deltas_(weights: list[torch.Tensor], coeffs: list[torch.Tensor], keys: list[torch.Tensor],
                   alpha: torch.Tensor | None, transposed: bool) -> None:
@@ -186,20 +173,7 @@ def apply_deltas_(weights: list[torch.Tensor], coeffs: list[torch.Tensor], keys:
 
     Reference: emsedit_fast.reference.apply_deltas_.
     """
-    op = "apply_deltas_"
-    _check_weights(op, weights, alpha, transposed)
-    _common.check(len(coeffs) == len(weights) and len(keys) == len(weights), op,
-                  f"need one coeffs and one keys tensor per weight, got {len(weights)}, {len(coeffs)}, {len(keys)}")
-    for layer, (w, m, k) in enumerate(zip(weights, coeffs, keys)):
-        d_out, d_in, _, _ = _dims(w, transposed)
-        _common.check(m.dim() == 2 and k.dim() == 2 and m.shape == (k.shape[0], d_out) and k.shape[1] == d_in, op,
-                      f"layer {layer}: weight implies coeffs (n, {d_out}) and keys (n, {d_in}), got "
-                      f"{tuple(m.shape)} and {tuple(k.shape)}")
-        _common.check(m.dtype == torch.float32 and k.dtype == torch.float32, op,
-                      f"layer {layer}: coeffs and keys must be fp32")
-        _common.check(m.stride(1) == 1 and k.stride(1) == 1, op, f"layer {layer}: coeffs and keys need unit column "
-                      "stride")
-    _common.check_device(op, *weights, *coeffs, *keys)
+    # Inputs checked by the ops layer (emsedit_fast/ops/apply_deltas.py); factors arrive contiguous.
     has_alpha = alpha is not None
     tracing = _common.is_tracing(*weights)
     precision = _common.dot_precision()
@@ -240,15 +214,7 @@ def apply_deltas_dense_(weights: list[torch.Tensor], shifts: list[torch.Tensor],
 
     Reference: emsedit_fast.reference.apply_deltas_dense_.
     """
-    op = "apply_deltas_dense_"
-    _check_weights(op, weights, alpha, transposed)
-    _common.check(len(shifts) == len(weights), op, f"need one shift per weight, got {len(weights)} and {len(shifts)}")
-    for layer, (w, shift) in enumerate(zip(weights, shifts)):
-        d_out, d_in, _, _ = _dims(w, transposed)
-        _common.check(shift.shape == (d_in, d_out) and shift.dtype == torch.float32 and shift.stride(1) == 1, op,
-                      f"layer {layer}: shift must be ({d_in}, {d_out}) fp32 with unit column stride, got "
-                      f"{tuple(shift.shape)} {shift.dtype}")
-    _common.check_device(op, *weights, *shifts)
+    # Inputs checked by the ops layer (emsedit_fast/ops/apply_deltas.py); shifts arrive contiguous.
     has_alpha = alpha is not None
     tracing = _common.is_tracing(*weights)
     for group in _groups(weights):

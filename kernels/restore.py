@@ -57,17 +57,10 @@ def _words(t, size):
 @triton_op("emsedit_fast::triton_restore_", mutates_args={"weights"})
 def restore_(weights: list[torch.Tensor], snapshots: list[torch.Tensor]) -> None:
     """weights[l] <- snapshots[l] bit for bit, in place. Reference: emsedit_fast.reference.restore_."""
-    op = "restore_"
-    _common.check(len(weights) == len(snapshots), op, f"got {len(weights)} weights but {len(snapshots)} snapshots")
-    for layer, (w, snap) in enumerate(zip(weights, snapshots)):
-        _common.check(w.shape == snap.shape and w.dtype == snap.dtype, op,
-                      f"layer {layer}: snapshot {tuple(snap.shape)} {snap.dtype} does not match weight "
-                      f"{tuple(w.shape)} {w.dtype}")
-        _common.check(w.is_contiguous() and snap.is_contiguous(), op, f"layer {layer}: weight and snapshot must be "
-                      "contiguous")
+    # Inputs checked by the ops layer (emsedit_fast/ops/restore.py): matching shapes and dtypes, contiguous, one
+    # device.
     if not weights:
         return
-    _common.check_device(op, *weights, *snapshots)
     cfg = _common.pick(dict(BLOCK=1 << 16), dict(BLOCK=4096, num_warps=8),
                        BLOCK=max(w.numel() * w.element_size() for w in weights))
     block = cfg["BLOCK"]

@@ -184,24 +184,11 @@ def _gram64_of(keys, log_ridge, form):
     return build
 
 
-def _check(op, keys, log_ridge, form):
-    _common.check(form in ("dual", "primal"), op, f"form must be 'dual' or 'primal', got {form!r}")
-    _common.check(keys.dim() == 3, op, f"keys must be (L, n, d_in), got {tuple(keys.shape)}")
-    _common.check(keys.dtype in (torch.float32, torch.float64), op, f"keys must be fp32 or fp64, got {keys.dtype}")
-    _common.check(log_ridge.shape == (keys.shape[0],) and log_ridge.is_floating_point(), op,
-                  f"log_ridge must be ({keys.shape[0]},) floating point, got {tuple(log_ridge.shape)}")
-
-
 @triton_op("emsedit_fast::triton_ridge_solve", mutates_args={})
 def ridge_solve(keys: torch.Tensor, targets: torch.Tensor, log_ridge: torch.Tensor, form: str) -> torch.Tensor:
     """Dual M (L, n, d_out) or primal S (L, d_in, d_out). Reference: emsedit_fast.reference.ridge_solve."""
-    op = "ridge_solve"
-    _check(op, keys, log_ridge, form)
+    op = "ridge_solve"  # inputs checked by the ops layer (emsedit_fast/ops/ridge.py)
     n_layers, n, d_in = keys.shape
-    _common.check(targets.dim() == 3 and targets.shape[:2] == (n_layers, n) and targets.dtype == keys.dtype, op,
-                  f"targets must be (L, n, d_out) = ({n_layers}, {n}, d_out) {keys.dtype}, got "
-                  f"{tuple(targets.shape)} {targets.dtype}")
-    _common.check_device(op, keys, targets, log_ridge)
     d_out = targets.shape[2]
     gram = _gram(keys, log_ridge, form)
     if form == "dual":
@@ -216,11 +203,7 @@ def ridge_solve(keys: torch.Tensor, targets: torch.Tensor, log_ridge: torch.Tens
 def ridge_solve_backward(grad_solution: torch.Tensor, keys: torch.Tensor, solution: torch.Tensor,
                          log_ridge: torch.Tensor, form: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_targets (L, n, d_out), grad_log_ridge (L,)). Reference: emsedit_fast.reference.ridge_solve_backward."""
-    op = "ridge_solve_backward"
-    _check(op, keys, log_ridge, form)
-    _common.check(grad_solution.shape == solution.shape and grad_solution.dtype == keys.dtype, op,
-                  f"grad_solution must match solution {tuple(solution.shape)} {keys.dtype}")
-    _common.check_device(op, grad_solution, keys, solution, log_ridge)
+    op = "ridge_solve_backward"  # inputs checked by the ops layer (emsedit_fast/ops/ridge.py)
     n_layers, n, d_in = keys.shape
     beta = torch.exp(log_ridge)
     gram = _gram(keys, log_ridge, form)

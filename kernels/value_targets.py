@@ -140,19 +140,6 @@ _BWD = _common.autotuned(_value_targets_bwd_kernel, configs=_ROW_CONFIGS, key=["
 _ETA_CONFIG = dict(interpret=dict(BLOCK_N=4096), cuda=dict(BLOCK_N=1024, num_warps=4))
 
 
-def _check(op, keys, z, eta, idx):
-    _common.check(keys.dim() == 2 and z.dim() == 2 and keys.shape[0] == z.shape[0] and z.shape[1] > keys.shape[1],
-                  op, f"keys (N, d_in) and z (N, D > d_in) must share N, got {tuple(keys.shape)} and "
-                  f"{tuple(z.shape)}")
-    _common.check(eta.dim() == 1 and idx.shape == (keys.shape[0],) and idx.dtype == torch.int64, op,
-                  f"eta must be (L,) and idx ({keys.shape[0]},) int64, got {tuple(eta.shape)} and "
-                  f"{tuple(idx.shape)} {idx.dtype}")
-    for name, t in (("keys", keys), ("z", z), ("eta", eta)):
-        _common.check(t.dtype == torch.float32 and t.is_contiguous(), op, f"{name} must be contiguous fp32")
-    _common.check(idx.is_contiguous(), op, "idx must be contiguous")
-    _common.check_device(op, keys, z, eta, idx)
-
-
 def _row_grid(n_rows):
     return lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]),)
 
@@ -161,9 +148,7 @@ def _row_grid(n_rows):
 def value_targets(keys: torch.Tensor, z: torch.Tensor, eta: torch.Tensor,
                   idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(targets (N, d_out), coeffs (N,)) fp32. Reference: emsedit_fast.reference.value_targets."""
-    op = "value_targets"
-    _check(op, keys, z, eta, idx)
-    n_rows, d_in = keys.shape
+    n_rows, d_in = keys.shape  # inputs checked by the ops layer (emsedit_fast/ops/value_targets.py)
     d_out = z.shape[1] - d_in
     targets = torch.empty((n_rows, d_out), dtype=torch.float32, device=z.device)
     coeffs = torch.empty((n_rows,), dtype=torch.float32, device=z.device)
@@ -178,17 +163,8 @@ def value_targets(keys: torch.Tensor, z: torch.Tensor, eta: torch.Tensor,
 def value_targets_backward(grad_targets: torch.Tensor, grad_coeffs: torch.Tensor | None, keys: torch.Tensor,
                            z: torch.Tensor, eta: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_z (N, D), grad_eta (L,)). Reference: emsedit_fast.reference.value_targets_backward."""
-    op = "value_targets_backward"
-    _check(op, keys, z, eta, idx)
-    n_rows, d_in = keys.shape
+    n_rows, d_in = keys.shape  # inputs checked by the ops layer (emsedit_fast/ops/value_targets.py)
     d_out = z.shape[1] - d_in
-    _common.check(grad_targets.shape == (n_rows, d_out) and grad_targets.dtype == torch.float32
-                  and grad_targets.is_contiguous(), op, f"grad_targets must be contiguous ({n_rows}, {d_out}) fp32")
-    if grad_coeffs is not None:
-        _common.check(grad_coeffs.shape == (n_rows,) and grad_coeffs.dtype == torch.float32, op,
-                      f"grad_coeffs must be ({n_rows},) fp32")
-        grad_coeffs = grad_coeffs.contiguous()
-    _common.check_device(op, grad_targets, grad_coeffs, z)
     grad_z = torch.empty_like(z)
     grad_eta = torch.empty_like(eta)
     contrib = torch.empty((n_rows,), dtype=torch.float32, device=z.device)

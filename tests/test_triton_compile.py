@@ -22,14 +22,14 @@ import os
 
 import pytest
 
+from emsedit_fast.ops import STEMS
+
 pytestmark = [
     pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") == "1",
                        reason="AOT compilation needs the real compiler: run in the normal tier, without "
                               "TRITON_INTERPRET"),
     pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION"),
 ]
-
-STEMS = ("running_stats", "hypernet_block", "value_targets", "ridge", "apply_deltas", "restore")
 
 # Per kernel: variants as (label, argument types overriding the defaults, constexpr values). Defaults: `*_ptr`
 # arguments are "*fp32", other runtime arguments "i32", `eps` "fp32". A variant lists every constexpr.

@@ -1,6 +1,10 @@
-"""The public ops: each picks a backend (reference, cpp, triton) per call and records which one ran.
+"""The public ops: each checks its inputs once, picks a backend (reference, cpp, triton) per call and records which
+one ran.
 
-See emsedit_fast.ops._dispatch for the selection rules and emsedit_fast.reference for the semantics.
+See emsedit_fast.ops._dispatch for the selection rules and emsedit_fast.reference for the semantics. Every op stem
+(OPS_BY_STEM) has the same twins: emsedit_fast/reference/<stem>.py, emsedit_fast/ops/<stem>.py, a schema in
+csrc/ops.cpp with its CPU kernel in csrc/cpu/<stem>.cpp (and csrc/cuda/<stem>.cu), kernels/<stem>.py (Triton),
+tests/ops/test_<stem>.py and benchmarks/bench_<stem>.py; tests/test_layout.py fails when one is missing.
 """
 
 from emsedit_fast.ops._dispatch import BACKENDS
@@ -17,12 +21,13 @@ from emsedit_fast.ops.restore import snapshot
 from emsedit_fast.ops.ridge import choose_form
 from emsedit_fast.ops.ridge import ridge_solve
 from emsedit_fast.ops.ridge import ridge_solve_backward
+from emsedit_fast.ops.running_stats import NORM_EPS
 from emsedit_fast.ops.running_stats import running_stats_normalize
 from emsedit_fast.ops.running_stats import running_stats_update_
 from emsedit_fast.ops.value_targets import value_targets
 from emsedit_fast.ops.value_targets import value_targets_backward
 
-# Every public op, by stem: tests/test_layout.py checks each has its reference, C++, Triton, test and benchmark twins.
+# Every public op, by stem: the one list of stems (STEMS); tests/test_layout.py checks each stem's twins.
 OPS_BY_STEM = {
     "running_stats": ("running_stats_update_", "running_stats_normalize"),
     "hypernet_block": ("hypernet_block", "hypernet_block_backward"),
@@ -31,10 +36,13 @@ OPS_BY_STEM = {
     "apply_deltas": ("apply_deltas_", "apply_deltas_dense_"),
     "restore": ("restore_",),
 }
+STEMS = tuple(OPS_BY_STEM)
 
 __all__ = [
     "BACKENDS",
+    "NORM_EPS",
     "OPS_BY_STEM",
+    "STEMS",
     "apply_deltas_",
     "apply_deltas_dense_",
     "availability",

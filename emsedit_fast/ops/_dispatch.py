@@ -1,4 +1,5 @@
-"""Backend selection for every op: declared support, explained refusals, recorded choices.
+"""Backend selection for every op: declared support, explained refusals, recorded choices, and the callables that
+reach each backend.
 
 Precedence of the requested backend: the per-call `backend=` argument, then `with use_backend(...)`, then the
 environment variable EMSEDIT_FAST_BACKEND, then "auto". Values:
@@ -8,13 +9,24 @@ environment variable EMSEDIT_FAST_BACKEND, then "auto". Values:
     fast       like auto, but raise instead of falling back to the reference
     reference | cpp | triton   exactly that backend, or NotImplementedError listing every backend's reasons
 
-Every dispatch is recorded: `with record_backends() as seen:` collects {op: {backend, ...}}.
+Every eager dispatch is recorded: `with record_backends() as seen:` collects {op: {backend, ...}}.
+
+Under torch.compile the choice is made once, when the graph is traced: the environment-dependent parts (is _C loaded,
+can Triton launch, is the request in a context or the environment) are evaluated eagerly at trace time through
+`torch.compiler.assume_constant_result`, so a traced op is a plain call of its torch.ops.emsedit_fast operator and
+`fullgraph=True` holds. Traced calls are not recorded.
+
+How the backends are reached: C++ ops live under torch.ops.emsedit_fast.<op> once `emsedit_fast._C` is loaded
+(`cpp_impl`); Triton ops are registered with `triton_op` as torch.ops.emsedit_fast.triton_<op> when their module in
+`emsedit_fast.kernels` is imported (`triton_impl`). That import is lazy, because importing Triton is slow and the
+interpreter flag must be set before it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib
 import logging
 import os
 from dataclasses import dataclass
@@ -83,20 +95,6 @@ class Backend:
     deterministic: bool
     unavailable: Callable[[], str | None]
 
-    def not_supported_reasons(self, *tensors: torch.Tensor) -> list[str]:
-        why = self.unavailable()
-        reasons = [why] if why else []
-        devices = self.devices()
-        for t in tensors:
-            if t.device.type not in devices:
-                reasons.append(f"device={t.device.type} (supported: {sorted(devices)})")
-                break
-        for t in tensors:
-            if t.is_floating_point() and t.dtype not in self.dtypes:
-                reasons.append(f"dtype={t.dtype} (supported: {sorted(str(d) for d in self.dtypes)})")
-                break
-        return reasons
-
 
 _FLOATS = frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16})
 
@@ -109,6 +107,61 @@ BACKENDS: dict[str, Backend] = {
 _CONTEXT_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar("emsedit_fast_backend", default=None)
 _RECORDERS: contextvars.ContextVar[tuple[dict, ...]] = contextvars.ContextVar("emsedit_fast_recorders", default=())
 _LOGGED: set[tuple] = set()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Callables that reach a backend's implementation of one op.
+
+
+def cpp_impl(op: str) -> Callable:
+    """The C++ implementation of `op`: torch.ops.emsedit_fast.<op>, resolved at call time."""
+
+    def call(*args):
+        return getattr(torch.ops.emsedit_fast, op)(*args)
+
+    call.__name__ = f"cpp_{op}"
+    return call
+
+
+def triton_impl(stem: str, op: str, autograd: tuple[Callable, Callable] | None = None) -> Callable:
+    """The Triton implementation of `op`: torch.ops.emsedit_fast.triton_<op>, registered by importing
+    emsedit_fast.kernels.<stem> on first use. autograd: (backward, setup_context) to attach to that operator then."""
+    if autograd is not None:
+        _TRITON_AUTOGRAD[op] = autograd
+
+    def call(*args):
+        _load_triton(stem, op)
+        return getattr(torch.ops.emsedit_fast, f"triton_{op}")(*args)
+
+    call.__name__ = f"triton_{op}"
+    return call
+
+
+_TRITON_AUTOGRAD: dict[str, tuple[Callable, Callable]] = {}
+
+
+@torch.compiler.assume_constant_result
+def _load_triton(stem: str, op: str) -> bool:
+    # Runs eagerly even while torch.compile traces (an import cannot be traced); the traced call is the operator.
+    importlib.import_module(f"emsedit_fast.kernels.{stem}")
+    if op in _TRITON_AUTOGRAD:
+        register_autograd_once(f"emsedit_fast::triton_{op}", *_TRITON_AUTOGRAD[op])
+    return True
+
+
+def register_autograd_once(qualname: str, backward: Callable, setup_context: Callable) -> None:
+    """Attach autograd to a registered custom op; later calls for the same op are no-ops."""
+    if qualname in _AUTOGRAD_DONE:
+        return
+    torch.library.register_autograd(qualname, backward, setup_context=setup_context)
+    _AUTOGRAD_DONE.add(qualname)
+
+
+_AUTOGRAD_DONE: set[str] = set()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Requests and selection.
 
 
 def _check_request(name: str, where: str) -> str:
@@ -160,17 +213,19 @@ def select(op: str, impls: dict[str, Callable], tensors: tuple[torch.Tensor, ...
     """Choose the backend for one call of `op`; record it; return (name, implementation).
 
     impls maps backend name -> callable. tensors are the inputs whose device and dtype decide. extra_reasons(name)
-    may add op-specific refusals (shape limits, say).
+    may add op-specific refusals (shape limits, say); it must depend only on shapes, so that it can be traced.
     """
-    request = requested_backend(backend)
+    if torch.compiler.is_compiling():
+        request = _traced_request(backend)
+    else:
+        request = requested_backend(backend)
     device = tensors[0].device.type if tensors else "cpu"
+    dtypes = tuple(sorted({str(t.dtype) for t in tensors if t.is_floating_point()}))
 
     def reasons(name: str) -> list[str]:
         if name not in impls:
             return [f"{op} has no {name} implementation"]
-        out = BACKENDS[name].not_supported_reasons(*tensors)
-        if name == "cpp" and not out and not cpp_has_kernel(op, device):
-            out.append(f"emsedit_fast._C has no {device} kernel for {op}")
+        out = list(_static_reasons(op, name, device, dtypes))
         if extra_reasons is not None:
             out += extra_reasons(name)
         return out
@@ -181,12 +236,38 @@ def select(op: str, impls: dict[str, Callable], tensors: tuple[torch.Tensor, ...
         candidates = tuple(n for n in _PRIORITY.get(device, ("reference",)) if request == "auto" or n != "reference")
     for name in candidates:
         if not reasons(name):
-            _record(op, name, device, tensors)
+            if not torch.compiler.is_compiling():
+                _record(op, name, device, tensors)
             return name, impls[name]
     detail = "; ".join(f"{n}: {', '.join(reasons(n)) or 'ok'}" for n in BACKEND_NAMES)
     raise NotImplementedError(
         f"{op}: no backend can serve backend={request!r} for inputs [{_describe(tensors)}]. Reasons: {detail}"
     )
+
+
+@torch.compiler.assume_constant_result
+def _traced_request(backend: str | None) -> str:
+    # The request as it stands when torch.compile traces the call (context variables cannot be traced).
+    return requested_backend(backend)
+
+
+@torch.compiler.assume_constant_result
+def _static_reasons(op: str, name: str, device: str, dtypes: tuple[str, ...]) -> tuple[str, ...]:
+    """Why backend `name` cannot serve `op` for tensors on `device` with these floating dtypes ('torch.float32', ...):
+    everything that depends on the installation, not on the data (a trace-time constant under torch.compile)."""
+    b = BACKENDS[name]
+    why = b.unavailable()
+    out = [why] if why else []
+    devices = b.devices()
+    if device not in devices:
+        out.append(f"device={device} (supported: {sorted(devices)})")
+    supported = {str(d) for d in b.dtypes}
+    unsupported = [d for d in dtypes if d not in supported]
+    if unsupported:
+        out.append(f"dtype={unsupported[0]} (supported: {sorted(supported)})")
+    if name == "cpp" and not out and not cpp_has_kernel(op, device):
+        out.append(f"emsedit_fast._C has no {device} kernel for {op}")
+    return tuple(out)
 
 
 def _record(op: str, name: str, device: str, tensors) -> None:

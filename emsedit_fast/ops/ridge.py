@@ -1,8 +1,13 @@
-"""Public ridge least-squares ops (reference: emsedit_fast.reference.ridge).
+"""Public ridge least-squares ops (reference: emsedit_fast.reference.ridge; docs/method.md, "Ridge least squares").
 
-`form="auto"` picks the dual (n x n) system while n < d_in and the primal (d_in x d_in) one otherwise
-(METHOD.md section 7.5). Fast backends factor the SPD system with a batched Cholesky and fall back to fp64, then
-LU, when a pivot fails; the reference solves with LU as published.
+For layer l with keys K (n, d_in), targets V (n, d_out) and beta = exp(log_ridge_l):
+
+    dual:    M = (K K^T + beta I_n)^-1 V          (n, d_out),     dW = M^T K
+    primal:  S = (K^T K + beta I_d_in)^-1 K^T V   (d_in, d_out),  dW = S^T
+
+`form="auto"` picks the dual (n x n) system while n < d_in and the primal (d_in x d_in) one otherwise: the system
+is then the smaller of the two. Fast backends factor the SPD system with a batched Cholesky and fall back to fp64,
+then LU, when a pivot fails; the reference solves with LU as published.
 """
 
 from __future__ import annotations
@@ -12,8 +17,10 @@ import torch
 from emsedit_fast import _ext
 from emsedit_fast import reference
 from emsedit_fast.ops import _checks
-from emsedit_fast.ops import _registry
+from emsedit_fast.ops._dispatch import cpp_impl
+from emsedit_fast.ops._dispatch import register_autograd_once
 from emsedit_fast.ops._dispatch import select
+from emsedit_fast.ops._dispatch import triton_impl
 
 FORMS = ("auto", "dual", "primal")
 
@@ -41,16 +48,8 @@ def _autograd(backward_op):
     return backward, setup_context
 
 
-def _triton_forward(*args):
-    import emsedit_fast.kernels.ridge  # noqa: F401  (registers the triton ops)
-
-    _registry.register_autograd("emsedit_fast::triton_ridge_solve",
-                                *_autograd(_registry.triton("ridge", "ridge_solve_backward")))
-    return torch.ops.emsedit_fast.triton_ridge_solve(*args)
-
-
 if _ext.load_error() is None:
-    _registry.register_autograd("emsedit_fast::ridge_solve", *_autograd(_registry.cpp("ridge_solve_backward")))
+    register_autograd_once("emsedit_fast::ridge_solve", *_autograd(cpp_impl("ridge_solve_backward")))
 
     # Fake (meta) kernels: shapes and dtypes only, so FakeTensor tracing and torch.compile can see through the C++ ops.
     @torch.library.register_fake("emsedit_fast::ridge_solve")
@@ -64,23 +63,52 @@ if _ext.load_error() is None:
         n_layers, n, _ = keys.shape
         return keys.new_empty(n_layers, n, solution.shape[2]), log_ridge.new_empty(n_layers)
 
+
 _FORWARD = {
     "reference": reference.ridge_solve,
-    "cpp": _registry.cpp("ridge_solve"),
-    "triton": _triton_forward,
+    "cpp": cpp_impl("ridge_solve"),
+    "triton": triton_impl("ridge", "ridge_solve", autograd=_autograd(triton_impl("ridge", "ridge_solve_backward"))),
 }
 _BACKWARD = {
     "reference": reference.ridge_solve_backward,
-    "cpp": _registry.cpp("ridge_solve_backward"),
-    "triton": _registry.triton("ridge", "ridge_solve_backward"),
+    "cpp": cpp_impl("ridge_solve_backward"),
+    "triton": triton_impl("ridge", "ridge_solve_backward"),
 }
 
 
-def _check(op, keys, log_ridge):
+def check_ridge_solve(keys, targets, log_ridge, form) -> str:
+    """The input check of `ridge_solve`; returns the resolved form ('dual' or 'primal')."""
+    op = "ridge_solve"
+    _check_keys(op, keys, log_ridge)
+    _checks.check(targets.dim() == 3 and targets.shape[:2] == keys.shape[:2], op,
+                  f"targets must be (L, n, d_out) with (L, n) = {tuple(keys.shape[:2])}, got {_checks.shape(targets)}")
+    _checks.check(targets.dtype == keys.dtype, op,
+                  f"targets must have the keys' dtype {keys.dtype}, got {targets.dtype}")
+    _checks.same_device(op, keys=keys, targets=targets, log_ridge=log_ridge)
+    return choose_form(keys.shape[1], keys.shape[2], form)
+
+
+def check_ridge_solve_backward(grad_solution, keys, solution, log_ridge, form) -> str:
+    """The input check of `ridge_solve_backward`; returns the resolved form."""
+    op = "ridge_solve_backward"
+    _check_keys(op, keys, log_ridge)
+    form = choose_form(keys.shape[1], keys.shape[2], form)
+    n_layers, n, d_in = keys.shape
+    rows = n if form == "dual" else d_in
+    _checks.check(solution.dim() == 3 and solution.shape[:2] == (n_layers, rows), op,
+                  f"solution must be ({n_layers}, {rows}, d_out) for the {form} form, got {_checks.shape(solution)}")
+    _checks.check(grad_solution.shape == solution.shape, op,
+                  f"grad_solution must match solution ({_checks.shape(solution)}), got {_checks.shape(grad_solution)}")
+    _checks.dtype(op, (keys.dtype,), solution=solution, grad_solution=grad_solution)
+    _checks.same_device(op, grad_solution=grad_solution, keys=keys, solution=solution, log_ridge=log_ridge)
+    return form
+
+
+def _check_keys(op, keys, log_ridge):
     _checks.check(keys.dim() == 3, op, f"keys must be (layers, n, d_in), got {_checks.shape(keys)}")
     _checks.check(log_ridge.shape == (keys.shape[0],), op,
                   f"log_ridge must be ({keys.shape[0]},), got ({_checks.shape(log_ridge)})")
-    _checks.check(keys.dtype in (torch.float32, torch.float64), op, f"keys must be fp32 or fp64, got {keys.dtype}")
+    _checks.dtype(op, (torch.float32, torch.float64), keys=keys, log_ridge=log_ridge)
 
 
 def ridge_solve(keys: torch.Tensor, targets: torch.Tensor, log_ridge: torch.Tensor, form: str = "auto", *,
@@ -91,26 +119,22 @@ def ridge_solve(keys: torch.Tensor, targets: torch.Tensor, log_ridge: torch.Tens
     the dual form, S (L, d_in, d_out) for the primal; dW_l = M_l^T K_l = S_l^T. Differentiable in targets and
     log_ridge (keys are constants). Reference: emsedit_fast.reference.ridge_solve.
     """
-    op = "ridge_solve"
-    _check(op, keys, log_ridge)
-    _checks.check(targets.dim() == 3 and targets.shape[:2] == keys.shape[:2], op,
-                  f"targets must be (L, n, d_out) with (L, n) = {tuple(keys.shape[:2])}, got {_checks.shape(targets)}")
-    form = choose_form(keys.shape[1], keys.shape[2], form)
-    _, fn = select(op, _FORWARD, (keys, targets), backend)
-    return fn(keys.contiguous(), targets.contiguous(), log_ridge, form)
+    form = check_ridge_solve(keys, targets, log_ridge, form)
+    _, fn = select("ridge_solve", _FORWARD, (keys, targets), backend)
+    return fn(keys.contiguous(), targets.contiguous(), log_ridge.contiguous(), form)
 
 
 def ridge_solve_backward(grad_solution: torch.Tensor, keys: torch.Tensor, solution: torch.Tensor,
                          log_ridge: torch.Tensor, form: str = "auto", *,
                          backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dL/dtargets (L, n, d_out), dL/dlog_ridge (L,)) from dL/dsolution (METHOD.md section 8.2).
+    """(dL/dtargets (L, n, d_out), dL/dlog_ridge (L,)) from dL/dsolution; keys are constants.
 
-    In the dual form dL/dM = K G^T for G = dL/dW; in the primal form dL/dS = G^T.
+    dual:    P = C^-1 dL/dM,                   dL/dlog_ridge = -beta <P, M>      (C = K K^T + beta I)
+    primal:  Y = A^-1 dL/dS,  P = K Y,         dL/dlog_ridge = -beta <Y, S>      (A = K^T K + beta I)
+
+    and dL/dtargets = P. From G = dL/dW: dL/dM = K G^T (dual), dL/dS = G^T (primal).
     Reference: emsedit_fast.reference.ridge_solve_backward.
     """
-    op = "ridge_solve_backward"
-    _check(op, keys, log_ridge)
-    form = choose_form(keys.shape[1], keys.shape[2], form)
-    _checks.check(grad_solution.shape == solution.shape, op, "grad_solution must match solution")
-    _, fn = select(op, _BACKWARD, (keys, solution), backend)
-    return fn(grad_solution.contiguous(), keys.contiguous(), solution.contiguous(), log_ridge, form)
+    form = check_ridge_solve_backward(grad_solution, keys, solution, log_ridge, form)
+    _, fn = select("ridge_solve_backward", _BACKWARD, (keys, solution), backend)
+    return fn(grad_solution.contiguous(), keys.contiguous(), solution.contiguous(), log_ridge.contiguous(), form)
