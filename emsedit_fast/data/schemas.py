@@ -1,16 +1,18 @@
-"""Edit records and the loaders that build them from the supported file formats (METHOD.md sections 3.1 and 3.2).
+"""Edit records, the record formats, and the loaders that validate them (sources: `emsedit_fast.data.sources`).
 
-One record type, `EditRecord`, serves every dataset. Its `kind` fixes the metric family (METHOD.md section 16):
+One record type, `EditRecord`, serves every dataset. Its `kind` fixes the metric family (docs/method.md,
+"Evaluation"):
 
-- "counterfact": the new-vs-old token margin (16.2). ES / GS: target_new must beat ground_truth (the foil); LS, roles
+- "counterfact": the new-vs-old token margin. ES / GS: target_new must beat ground_truth (the foil); LS, roles
   swapped: each neighbourhood answer must beat target_new.
-- "zsre" and "facts": token top-1 accuracy (16.1). ES / GS: accuracy on target_new; LS: accuracy against the gold
+- "zsre" and "facts": token top-1 accuracy. ES / GS: accuracy on target_new; LS: accuracy against the gold
   locality answer (LS-gold) and agreement with the pre-edit model (LS-agree).
 
 "facts" is the kind of users' own facts in the plain JSONL format; a plain record may declare `"kind": "counterfact"`
 (with a `ground_truth`) to be scored by the margin instead.
 
-Supported file formats (`load_records(path, format=...)`), read as a JSON list or as JSON Lines:
+Record formats (`load_records(source, format=...)`); the source may be a JSON list or JSON Lines file, a Parquet file,
+a folder, a `datasets` object or a cached Hub dataset id (`emsedit_fast.data.sources`):
 
 - "counterfact": flat MEND/EasyEdit CounterFact (case_id, prompt, target_new, subject, ground_truth, rephrase_prompt,
   locality_prompt, locality_ground_truth).
@@ -22,24 +24,31 @@ Supported file formats (`load_records(path, format=...)`), read as a JSON list o
   locality_prompts, locality_answers, portability_prompts, portability_answers, generation_prompts). This is also
   what `EditRecord.to_dict` writes, so `save_records` / `load_records` round-trip.
 
-Cleaning (METHOD.md 3.2): every answer string is stripped; a record whose stripped edit target is empty is dropped
-(2 such records in the shipped zsRE file). Drops are never silent: they are logged and listed in
-`LoadResult.dropped`. Any other malformed record raises `DataError` naming the file, the record index (and line for
-JSON Lines), the case_id and the field, unless `skip_invalid=True`, in which case it is listed in `LoadResult.skipped`.
+Cleaning: every answer string is stripped; a record whose stripped edit target is empty is dropped (2 such records
+in the shipped zsRE file). Drops are never silent: they are logged and listed in `LoadResult.dropped`. Any other
+malformed record raises `DataError` naming the source, the record (index, and line for JSON Lines; row for a
+dataset), the case_id and the field, unless `skip_invalid=True`, in which case it is listed in `LoadResult.skipped`.
 Prompts are kept verbatim (CounterFact paraphrases keep their leading context sentence).
+
+`load_records` returns every record in a list; `iter_records` yields them one at a time, for sources too large to
+hold (hundreds of thousands of edits).
+
+(About 590 lines: the record type, the parsers of its four formats and the validating loop that names a bad record's
+source, position, case_id and field are one concept; how the raw objects are read lives in `sources`.)
 """
 
 from __future__ import annotations
 
 import difflib
+import itertools
 import json
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from dataclasses import field
 from typing import Any
 from typing import Callable
-from typing import Iterable
 from typing import Iterator
 from typing import Sequence
 
@@ -63,6 +72,7 @@ PLAIN_KEYS = (
     "portability_answers",
     "generation_prompts",
 )
+_PLAIN_KEY_SET = frozenset(PLAIN_KEYS)
 
 
 class DataError(ValueError):
@@ -101,7 +111,7 @@ def _check_answer(value: Any, name: str, case_id: str | None) -> None:
     if not value.strip():
         raise RecordError(name, "empty answer", case_id)
     if value != value.strip():
-        # Tokenisation adds exactly one leading space (METHOD.md 3.4); stray whitespace would change the tokens.
+        # Tokenisation adds exactly one leading space to an answer; stray whitespace would change the tokens.
         raise RecordError(name, f"answer {value!r} has leading or trailing whitespace (strip it)", case_id)
 
 
@@ -117,7 +127,7 @@ class EditRecord:
     portability_prompts / portability_answers: multi-hop probes answered consistently with the edit (same length).
     generation_prompts: prompts for free generation (fluency).
 
-    Training uses the first rephrase and the first locality prompt; evaluation uses all of them (METHOD.md 3.1).
+    Training uses the first rephrase and the first locality prompt; evaluation uses all of them.
     """
 
     case_id: str
@@ -140,6 +150,8 @@ class EditRecord:
         for name in ("rephrase_prompts", "locality_prompts", "locality_answers", "portability_prompts",
                      "portability_answers", "generation_prompts"):
             value = getattr(self, name)
+            if type(value) is tuple:  # what the parsers pass: skip the (slow) abstract Iterable check
+                continue
             if isinstance(value, str) or not isinstance(value, Iterable):
                 raise RecordError(name, f"expected a sequence of strings, got {type(value).__name__}", cid)
             # frozen dataclass: object.__setattr__ is the documented way to normalise fields in __post_init__
@@ -172,7 +184,7 @@ class EditRecord:
 
     @property
     def metric_family(self) -> str:
-        """The metric family: "margin" (METHOD.md 16.2) for kind "counterfact", "accuracy" (16.1) otherwise."""
+        """The metric family: "margin" for kind "counterfact", "accuracy" otherwise (docs/method.md, "Evaluation")."""
         return "margin" if self.kind == "counterfact" else "accuracy"
 
     def to_dict(self) -> dict[str, Any]:
@@ -213,7 +225,7 @@ def _prompt(obj: dict, key: str, case_id: str, *, path: str | None = None) -> st
 
 
 def _answer(obj: dict, key: str, case_id: str, *, required: bool = True, path: str | None = None) -> str | None:
-    """Stripped answer string (METHOD.md 3.2). Empty after stripping is an error here; edit targets use _target."""
+    """Stripped answer string. Empty after stripping is an error here; edit targets use _target."""
     value = _get(obj, key, case_id, required=required, path=path)
     if value is None:
         return None
@@ -226,7 +238,7 @@ def _answer(obj: dict, key: str, case_id: str, *, required: bool = True, path: s
 
 
 def _target(obj: dict, key: str, case_id: str, *, path: str | None = None) -> str:
-    """Stripped edit target; an empty one is the cleaning drop of METHOD.md 3.2 (reported by the loader)."""
+    """Stripped edit target; an empty one is the cleaning drop (reported by the loader)."""
     value = _get(obj, key, case_id, path=path)
     if not isinstance(value, str):
         raise RecordError(path or key, f"expected a string, got {type(value).__name__}", case_id)
@@ -281,7 +293,7 @@ def _parse_counterfact(obj: dict, index: int) -> EditRecord:
         target_new=_target(obj, "target_new", cid),
         ground_truth=_answer(obj, "ground_truth", cid),
         subject=_get(obj, "subject", cid, required=False),
-        # Kept verbatim, including any leading context sentence (METHOD.md 3.2).
+        # Kept verbatim, including any leading context sentence.
         rephrase_prompts=_str_list(obj, "rephrase_prompt", cid, required=True),
         locality_prompts=_str_list(obj, "locality_prompt", cid, required=True),
         locality_answers=_str_list(obj, "locality_ground_truth", cid, required=True, answers=True),
@@ -335,7 +347,7 @@ def _parse_zsre(obj: dict, index: int) -> EditRecord:
         ground_truth=answers[0] if answers else None,
         subject=_get(obj, "subject", cid, required=False),
         rephrase_prompts=(_prompt(obj, "rephrase", cid),),
-        # Reference behaviour: keep the "nq question: " prefix and append "?" (METHOD.md 3.2).
+        # Reference behaviour: keep the "nq question: " prefix and append "?".
         locality_prompts=(loc + "?",),
         locality_answers=(_answer(obj, "loc_ans", cid),),
     )
@@ -343,7 +355,7 @@ def _parse_zsre(obj: dict, index: int) -> EditRecord:
 
 def _parse_facts(obj: dict, index: int) -> EditRecord:
     cid = _case_id(obj, index, "fact-")
-    unknown = sorted(set(obj) - set(PLAIN_KEYS))
+    unknown = sorted(set(obj) - _PLAIN_KEY_SET)
     if unknown:
         # Strict: a typo in a user's own file would otherwise silently drop probes.
         hints = {k: difflib.get_close_matches(k, PLAIN_KEYS, n=1) for k in unknown}
@@ -395,63 +407,23 @@ def detect_format(obj: dict[str, Any]) -> str | None:
         return "counterfact"
     if {"prompt", "target_new"} <= keys:
         return "facts"
-    if keys & {"prompt", "target_new"} and keys <= set(PLAIN_KEYS):
+    if keys & {"prompt", "target_new"} and keys <= _PLAIN_KEY_SET:
         return "facts"  # a plain record missing one of them: the facts parser then names the missing field
     return None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# File reading
-
-
-def _read_objects(path: str) -> tuple[list[Any], list[str]]:
-    """Parse a JSON list or JSON Lines file. Returns the objects and a human position for each ("record 3 (line 5)")."""
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
-    except OSError as err:
-        raise DataError(f"{path}: cannot read: {err}") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not valid UTF-8 at byte {err.start}: {err.reason}") from None
-    body = text.lstrip()
-    if not body:
-        raise DataError(f"{path}: file is empty")
-    if body[0] == "[":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}: corrupt or truncated JSON at line {err.lineno}, column {err.colno} "
-                            f"(character {err.pos}): {err.msg}") from None
-        return data, [f"record {i}" for i in range(len(data))]
-    if body[0] != "{":
-        raise DataError(f"{path}: expected a JSON list or JSON Lines of objects, but the file starts with {body[0]!r}")
-    # JSON Lines (one object per line); a single pretty-printed object is accepted too.
-    try:
-        return [json.loads(text)], ["record 0"]
-    except json.JSONDecodeError:
-        pass
-    objects, where = [], []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            objects.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}: corrupt or truncated JSON Lines record at line {lineno}, column {err.colno}: "
-                            f"{err.msg}") from None
-        where.append(f"record {len(objects) - 1} (line {lineno})")
-    return objects, where
+# Loading: any source (emsedit_fast.data.sources) -> validated records, lazily (iter_records) or at once (load_records)
 
 
 @dataclass
 class LoadResult:
     """What `load_records` read.
 
-    records: the valid records, in file order. skipped: (index, reason) for invalid records skipped under
-    skip_invalid=True. dropped: (index, reason) for records removed by the cleaning rule "empty edit target"
-    (METHOD.md 3.2). n_read: number of objects in the file. Index = 0-based position of the object in the file.
+    path: the source's label (a file path, "Dataset split 'train'", "owner/name split 'train'"). records: the valid
+    records, in source order. skipped: (index, reason) for invalid records skipped under skip_invalid=True. dropped:
+    (index, reason) for records removed by the cleaning rule "empty edit target". n_read: number of objects read.
+    Index = 0-based position of the object in the source.
     """
 
     path: str
@@ -483,66 +455,114 @@ class LoadResult:
         return records_to_dataset(self.records)
 
 
-def load_records(path: str | os.PathLike, format: str = "auto", *, skip_invalid: bool = False) -> LoadResult:
-    """Load edit records from a JSON list or JSON Lines file.
+DROP_NOTE = "; dropped by the cleaning rule (empty edit target)"
 
-    format: "auto" (detected from the first record's keys) or one of FORMATS. skip_invalid: skip malformed records
-    (listed in `LoadResult.skipped`) instead of raising. Records whose stripped edit target is empty are always
-    dropped and listed in `LoadResult.dropped` (METHOD.md 3.2). Duplicate case_ids are malformed records.
 
-    Raises DataError (file, record index, case_id, field) for corrupt or truncated files, an undetectable format,
-    and, unless skip_invalid, any malformed record.
+class RecordStream:
+    """The records of one source, parsed and validated one at a time as they are iterated (once).
+
+    source: the source's label. format: the record format (detected when "auto"). While and after iterating:
+    n_read (objects read), skipped and dropped (as in `LoadResult`). Memory: one record at a time plus the index of
+    case_ids seen (duplicates are malformed records), about 100 bytes per record.
     """
-    path = os.fspath(path)
+
+    def __init__(self, source: str, format: str, items: Iterator[tuple[Any, str]], skip_invalid: bool):
+        self.source, self.format = source, format
+        self.skipped: list[tuple[int, str]] = []
+        self.dropped: list[tuple[int, str]] = []
+        self.n_read = 0
+        self._items, self._skip_invalid, self._started = items, skip_invalid, False
+
+    def __iter__(self) -> Iterator[EditRecord]:
+        if self._started:
+            raise RuntimeError(f"{self.source}: a RecordStream is read once; call iter_records again to re-read")
+        self._started = True
+        return self._records()
+
+    def _records(self) -> Iterator[EditRecord]:
+        parser, label = _PARSERS[self.format], self.source
+        seen: dict[str, int] = {}
+        for index, (obj, where) in enumerate(self._items):
+            self.n_read = index + 1
+            case_id = obj.get("case_id") if isinstance(obj, dict) else None
+            try:
+                if not isinstance(obj, dict):
+                    raise RecordError("<record>", f"expected a JSON object, got {type(obj).__name__}")
+                record = parser(obj, index)
+                if record.case_id in seen:
+                    raise RecordError("case_id", f"duplicate of record {seen[record.case_id]}", record.case_id)
+            except _EmptyTarget as drop:
+                self.dropped.append((index, f"{label}: {where} (case_id={drop.case_id}): field {drop.field!r}: "
+                                            f"empty edit target after stripping{DROP_NOTE}"))
+                continue
+            except RecordError as err:
+                cid = err.case_id if err.case_id is not None else case_id
+                reason = f"{label}: {where} (case_id={cid}): field {err.field!r}: {err.problem}"
+                if not self._skip_invalid:
+                    raise DataError(reason) from None
+                self.skipped.append((index, reason))
+                continue
+            seen[record.case_id] = index
+            yield record
+        if self.dropped:
+            logger.warning("%s: dropped %d record(s) with an empty edit target: indices %s", label,
+                           len(self.dropped), [i for i, _ in self.dropped])
+        if self.skipped:
+            logger.warning("%s: skipped %d invalid record(s); first: %s", label, len(self.skipped),
+                           self.skipped[0][1])
+        logger.info("%s: read %d %s record(s) of %d", label, self.n_read - len(self.dropped) - len(self.skipped),
+                    self.format, self.n_read)
+
+
+def iter_records(source: Any, format: str = "auto", *, split: str | None = None,
+                 skip_invalid: bool = False) -> RecordStream:
+    """The records of `source`, read lazily: constant memory however many records the source holds.
+
+    source: a JSON / JSON Lines / Parquet file, a folder (data files, or a `save_to_disk` dataset), a
+    `datasets.Dataset` / `IterableDataset` / `DatasetDict`, or a Hub dataset id in the local cache (see
+    `emsedit_fast.data.sources`). split: which split of a source with several. format and skip_invalid as in
+    `load_records`. The source is opened and its first record read (format detection) before this returns, so an
+    unreadable, empty or unrecognised source raises here; a malformed record raises DataError when it is reached.
+    """
+    from emsedit_fast.data.sources import describe
+    from emsedit_fast.data.sources import open_source
+
     if format != "auto" and format not in _PARSERS:
-        raise DataError(f"{path}: unknown format {format!r}; expected 'auto' or one of {FORMATS}")
-    try:
-        objects, where = _read_objects(path)
-    except RecursionError:
-        raise DataError(f"{path}: JSON nested too deeply to be a records file") from None
-    if not isinstance(objects, list):
-        raise DataError(f"{path}: expected a JSON list of records, got a JSON {type(objects).__name__}")
-    if not objects:
-        raise DataError(f"{path}: contains no records")
+        raise DataError(f"{describe(source)}: unknown format {format!r}; expected 'auto' or one of {FORMATS}")
+    raw = open_source(source, split)
+    items, head = iter(raw.items), []
+    for item in items:  # up to the first object (format detection looks at its keys)
+        head.append(item)
+        if isinstance(item[0], dict) or format != "auto":
+            break
+    if not head:
+        raise DataError(f"{raw.label}: contains no records")
     if format == "auto":
-        first = next((o for o in objects if isinstance(o, dict)), None)
+        first = head[-1][0] if isinstance(head[-1][0], dict) else None
         format = detect_format(first) if first is not None else None
         if format is None:
             keys = sorted(first) if first is not None else []
-            raise DataError(f"{path}: cannot detect the format from the keys {keys} of the first record; "
+            raise DataError(f"{raw.label}: cannot detect the format from the keys {keys} of the first record; "
                             f"pass format= one of {FORMATS}")
-    parser = _PARSERS[format]
-    result = LoadResult(path=path, format=format, records=[], n_read=len(objects))
-    seen: dict[str, int] = {}
-    for index, obj in enumerate(objects):
-        case_id = obj.get("case_id") if isinstance(obj, dict) else None
-        try:
-            if not isinstance(obj, dict):
-                raise RecordError("<record>", f"expected a JSON object, got {type(obj).__name__}")
-            record = parser(obj, index)
-            if record.case_id in seen:
-                raise RecordError("case_id", f"duplicate of record {seen[record.case_id]}", record.case_id)
-        except _EmptyTarget as drop:
-            reason = (f"{path}: {where[index]} (case_id={drop.case_id}): field {drop.field!r}: empty edit target "
-                      "after stripping; dropped by the cleaning rule of METHOD.md 3.2")
-            result.dropped.append((index, reason))
-            continue
-        except RecordError as err:
-            cid = err.case_id if err.case_id is not None else case_id
-            reason = f"{path}: {where[index]} (case_id={cid}): field {err.field!r}: {err.problem}"
-            if not skip_invalid:
-                raise DataError(reason) from None
-            result.skipped.append((index, reason))
-            continue
-        seen[record.case_id] = index
-        result.records.append(record)
-    if result.dropped:
-        logger.warning("%s: dropped %d record(s) with an empty edit target (METHOD.md 3.2): indices %s", path,
-                       len(result.dropped), [i for i, _ in result.dropped])
-    if result.skipped:
-        logger.warning("%s: skipped %d invalid record(s); first: %s", path, len(result.skipped), result.skipped[0][1])
-    logger.info("%s: loaded %d %s record(s) of %d", path, len(result.records), format, len(objects))
-    return result
+    return RecordStream(raw.label, format, itertools.chain(head, items), skip_invalid)
+
+
+def load_records(source: Any, format: str = "auto", *, split: str | None = None,
+                 skip_invalid: bool = False) -> LoadResult:
+    """Load and validate every edit record of `source` (any source `iter_records` takes) into a list.
+
+    format: "auto" (detected from the first record's keys) or one of FORMATS. split: which split of a `datasets`
+    source with several. skip_invalid: skip malformed records (listed in `LoadResult.skipped`) instead of raising.
+    Records whose stripped edit target is empty are always dropped and listed in `LoadResult.dropped`. Duplicate
+    case_ids are malformed records.
+
+    Raises DataError naming the source, the record (index, JSON Lines line, or Dataset row), the case_id and the field
+    for corrupt or truncated files, an undetectable format, and, unless skip_invalid, any malformed record.
+    """
+    stream = iter_records(source, format, split=split, skip_invalid=skip_invalid)
+    records = list(stream)
+    return LoadResult(path=stream.source, format=stream.format, records=records, skipped=stream.skipped,
+                      dropped=stream.dropped, n_read=stream.n_read)
 
 
 def save_records(records: Sequence[EditRecord], path: str | os.PathLike) -> None:
@@ -574,6 +594,6 @@ def records_to_dataset(records: Sequence[EditRecord]):
 
 
 def records_from_dataset(dataset) -> list[EditRecord]:
-    """Inverse of `records_to_dataset`: rows in the plain format back to records (RecordError on a bad row)."""
-    return [record_from_dict(dict(row), "facts", index=i) for i, row in enumerate(dataset)]
+    """Inverse of `records_to_dataset`: rows in the plain format back to records (DataError naming a bad row)."""
+    return load_records(dataset, "facts").records
 
