@@ -1,11 +1,12 @@
-"""Tiny random-weight models and a tiny in-process tokenizer for tests (DESIGN.md §6.4, METHOD.md §14.4).
+"""Tiny random-weight models and a tiny in-process tokenizer for tests.
 
 Nothing is downloaded: the models are built from configs and the tokenizer is a byte-level BPE trained in-process
 on a short built-in English corpus (facts about countries, capitals, languages and a few people, in the style of
 zsRE/CounterFact prompts). Byte-level BPE encodes any text, so unseen words still tokenise (into more pieces).
 
-`tiny_gpt2` edits through GPT-2 `Conv1D` (weights stored (d_in, d_out)); `tiny_llama` through `nn.Linear`. Both are
-fp32, dropout 0, in eval mode, with the vocabulary of `tiny_tokenizer()` (pad/bos/eos ids shared).
+`tiny_gpt2` edits through GPT-2 `Conv1D` (weights stored (d_in, d_out)); `tiny_llama` through `nn.Linear`.
+`tiny_causal_lm(model_type)` builds any family of the model matrix (docs/models.md) from its `transformers` config.
+All are fp32, dropout 0, in eval mode, with the vocabulary of `tiny_tokenizer()` (pad/bos/eos ids shared).
 """
 
 from __future__ import annotations
@@ -163,3 +164,47 @@ def tiny_llama(seed: int = 0, hidden: int = 64, intermediate: int = 128, layers:
                          max_position_embeddings=TINY_MAX_POSITIONS, attention_dropout=0.0, rms_norm_eps=1e-5,
                          tie_word_embeddings=False, attn_implementation="eager", **_token_ids(vocab_size))
     return _seeded_build(LlamaForCausalLM, config, seed)
+
+
+# Tiny sizes per model_type, on top of the shared token ids: hidden 64, 4 heads of 16 (2 KV heads where the family has
+# grouped-query attention), MLP 128 (GPT-2 / GPT-J / GPT-NeoX: their usual 4 x hidden = 256), eager attention.
+_DECODER = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 16, "max_position_embeddings": TINY_MAX_POSITIONS}
+TINY_CONFIGS: dict[str, dict] = {
+    "llama": _DECODER,
+    "mistral": _DECODER,
+    "qwen2": _DECODER,
+    "gemma": _DECODER,
+    "gemma2": _DECODER,
+    "phi3": {k: v for k, v in _DECODER.items() if k != "head_dim"},
+    "olmo": _DECODER,
+    "olmo2": _DECODER,
+    "gpt2": {"n_embd": 64, "n_head": 4, "n_positions": TINY_MAX_POSITIONS},
+    "gptj": {"n_embd": 64, "n_head": 4, "rotary_dim": 8, "n_positions": TINY_MAX_POSITIONS},
+    "gpt_neox": {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4,
+                 "max_position_embeddings": TINY_MAX_POSITIONS},
+}
+_LAYER_KEY = {"gpt2": "n_layer", "gptj": "n_layer"}  # the others: num_hidden_layers
+_DROPOUTS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout", "embd_dropout")
+
+
+def tiny_config(model_type: str, layers: int = 2, vocab_size: int | None = None):
+    """The `transformers` config of a tiny `model_type` model (see TINY_CONFIGS), dropout 0, eager attention."""
+    from transformers import AutoConfig
+
+    if model_type not in TINY_CONFIGS:
+        raise ValueError(f"no tiny config for model_type {model_type!r}; known: {sorted(TINY_CONFIGS)}")
+    sizes = {**TINY_CONFIGS[model_type], _LAYER_KEY.get(model_type, "num_hidden_layers"): layers}
+    config = AutoConfig.for_model(model_type, **sizes, **_token_ids(vocab_size))
+    for key in _DROPOUTS:
+        if hasattr(config, key):
+            setattr(config, key, 0.0)
+    config._attn_implementation = "eager"  # numerics independent of SDPA backend choices
+    return config
+
+
+def tiny_causal_lm(model_type: str, seed: int = 0, layers: int = 2, vocab_size: int | None = None):
+    """A tiny random causal LM of any family in TINY_CONFIGS (AutoModelForCausalLM.from_config), fp32, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    return _seeded_build(AutoModelForCausalLM.from_config, tiny_config(model_type, layers, vocab_size), seed)
