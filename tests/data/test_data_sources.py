@@ -158,6 +158,9 @@ def test_folders_of_data_files_and_saved_datasets(tmp_path):
     assert result.records == expected[2:] and result.path == f"{folder} split 'validation'"
     with pytest.raises(DataError, match="has splits"):
         load_records(folder)
+    write_jsonl(folder / "validation.jsonl", [dict(CF_FLAT[2], prompt="")])
+    with pytest.raises(DataError, match=r"cf split 'validation': row 0 \(case_id=11\): field 'prompt': empty prompt"):
+        load_records(folder, split="validation")
     saved = tmp_path / "saved"
     datasets.DatasetDict(train=datasets.Dataset.from_list(CF_ROME)).save_to_disk(str(saved))
     assert load_records(saved).records == reference(tmp_path, CF_ROME)
