@@ -1,19 +1,26 @@
-"""Ratios between providers of one benchmark case (pure Python: used by conftest.py and by report.py).
+"""Ratios between the providers of one benchmark case (pure Python: used by conftest.py and report.py).
 
-For every (benchmark function, case) the reference provider is the denominator:
+Every ratio names its denominator; speedups are denominator / this provider (higher is better):
 
-    speedup_vs_reference = median_reference / median_x        (higher is better)
-    speedup_vs_compiled  = median_reference_compiled / median_x
-    mem_ratio            = peak_x / peak_reference            (lower is better)
+    vs_reference      median(reference) / median(x)            the published path
+    vs_competent      median(competent) / median(x)            the same algorithm in plain PyTorch
+    vs_compiled       median(competent_compiled) / median(x)
+    vs_best_competent min(median(competent), median(competent_compiled)) / median(x)
+    *_best            the same with the best (least disturbed) round of each
+    mem_vs_reference, mem_vs_competent   peak(x) / peak(denominator)   (lower is better)
+    x_floor           median(x) / median(floor)                the end-to-end multiple of the bare forward+backward
 
-A ratio exists only when its denominator ran in the same process on the same device (DESIGN.md 7.2); otherwise it
-is None and printed as n/a. Runs that were not timed for real (Triton under the CPU interpreter) get no ratios.
+A ratio exists only when its denominator ran in the same process on the same device; otherwise it is None (n/a).
+Runs that were not timed for real (Triton under the CPU interpreter) get no ratios.
 """
 
 from __future__ import annotations
 
-REFERENCE = "reference"
-COMPILED = "reference_compiled"
+ORDER = ("floor", "floor_all_logits", "reference", "competent", "competent_compiled", "cpp", "triton")
+
+
+def provider_rank(provider: str) -> int:
+    return ORDER.index(provider) if provider in ORDER else len(ORDER)
 
 
 def base_name(name: str) -> str:
@@ -22,23 +29,15 @@ def base_name(name: str) -> str:
 
 
 def record_of(bench: dict) -> dict | None:
-    """One flat record from a pytest-benchmark JSON entry (or None when it carries no case/provider params)."""
+    """One flat record from a pytest-benchmark JSON entry (None when it carries no case/provider params)."""
     params = bench.get("params") or {}
     info = bench.get("extra_info") or {}
     stats = bench.get("stats") or bench
     if "case" not in params or "provider" not in params or "median" not in stats:
         return None
-    return {
-        "name": base_name(bench["name"]),
-        "case": params["case"],
-        "provider": params["provider"],
-        "median": stats["median"],
-        "min": stats.get("min", stats["median"]),
-        "peak": info.get("peak_bytes"),
-        "device": info.get("device"),
-        "pid": info.get("pid"),
-        "timed": not info.get("interpreted", False),
-    }
+    return {"name": base_name(bench["name"]), "case": params["case"], "provider": params["provider"],
+            "median": stats["median"], "min": stats.get("min", stats["median"]), "peak": info.get("peak_bytes"),
+            "device": info.get("device"), "pid": info.get("pid"), "timed": not info.get("interpreted", False)}
 
 
 def _ratio(num, den):
@@ -48,26 +47,33 @@ def _ratio(num, den):
 
 
 def compute(records: list[dict]) -> dict[tuple[str, str], dict[str, dict[str, float | None]]]:
-    """{(name, case): {provider: {speedup_vs_reference, speedup_vs_compiled, mem_ratio}}} for every record."""
+    """{(name, case): {provider: {ratio name: value or None}}} for every record."""
     by_case: dict[tuple[str, str], dict[str, dict]] = {}
     for r in records:
         by_case.setdefault((r["name"], r["case"]), {})[r["provider"]] = r
     out: dict[tuple[str, str], dict[str, dict[str, float | None]]] = {}
     for key, providers in by_case.items():
-        ref = providers.get(REFERENCE)
-        comp = providers.get(COMPILED)
         for name, r in providers.items():
 
-            def same_run(base):
-                return (base is not None and r["timed"] and base["timed"] and base["device"] == r["device"]
-                        and base["pid"] == r["pid"])
+            def den(provider, r=r):
+                base = providers.get(provider)
+                ok = (base is not None and r["timed"] and base["timed"] and base["device"] == r["device"]
+                      and base["pid"] == r["pid"])
+                return base if ok else None
 
+            ref, comp, compiled, floor = den("reference"), den("competent"), den("competent_compiled"), den("floor")
+            best = min((b for b in (comp, compiled) if b), key=lambda b: b["median"], default=None)
             out.setdefault(key, {})[name] = {
-                "speedup_vs_reference": _ratio(ref["median"], r["median"]) if same_run(ref) else None,
-                # best-of-rounds ratio: on a shared machine the least-disturbed round of each provider
-                "speedup_vs_reference_min": _ratio(ref["min"], r["min"]) if same_run(ref) else None,
-                "speedup_vs_compiled": _ratio(comp["median"], r["median"]) if same_run(comp) else None,
-                "mem_ratio": _ratio(r["peak"], ref["peak"]) if same_run(ref) else None,
+                "vs_reference": _ratio(ref and ref["median"], r["median"]),
+                "vs_reference_best": _ratio(ref and ref["min"], r["min"]),
+                "vs_competent": _ratio(comp and comp["median"], r["median"]),
+                "vs_competent_best": _ratio(comp and comp["min"], r["min"]),
+                "vs_compiled": _ratio(compiled and compiled["median"], r["median"]),
+                "vs_best_competent": _ratio(best and best["median"], r["median"]),
+                "best_competent": best and best["provider"],
+                "mem_vs_reference": _ratio(r["peak"], ref and ref["peak"]),
+                "mem_vs_competent": _ratio(r["peak"], comp and comp["peak"]),
+                "x_floor": _ratio(r["median"], floor and floor["median"]),
             }
     return out
 
