@@ -2,9 +2,12 @@
 
 Importing `_C` runs its TORCH_LIBRARY registrations (the C++ ops appear under torch.ops.emsedit_fast). A missing or
 broken build is not an error: the reference backend serves instead, and `python -m emsedit_fast.info` shows the
-exception kept here.
+exception kept here, together with the record the build left next to `_C` (emsedit_fast/_build.json, written by
+setup.py: the torch and C++ standard it built against, the CUDA toolkit, and why CUDA kernels or the whole extension
+are missing).
 """
 
+import json
 import os
 
 _C = None
@@ -24,6 +27,16 @@ else:
 def load_error() -> str | None:
     """None when `_C` is loaded, else why not."""
     return _LOAD_ERROR
+
+
+def build_record() -> dict:
+    """What the last build of `_C` recorded (setup.py writes it, built or not), or {} when none is there."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
 
 
 def build_info() -> dict:

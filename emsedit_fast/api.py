@@ -1,22 +1,23 @@
-"""Python API behind the commands: load a model, build an editor, train it, edit with it, evaluate it.
+"""Python API behind the commands: open a session, train its editor, edit with it, evaluate it.
 
-    session = open_session(cfg)                       # model, tokenizer, edited modules, editor
-    report = train(session, cfg)                      # meta-training on cfg.data.train
-    results = evaluate_protocol(session, records, cfg.train.mode, n_edits, n_batches)
-    entry = edit(session, records)                    # K MSBP steps, recorded (session.editor.revert(entry.edit_id))
+    session = open_session(cfg)                            # model, tokenizer, edited modules, a new editor
+    session = open_session(checkpoint="runs/x/checkpoint", journal="runs/x/journal")   # a trained editor
+    trainer = train(session)                               # meta-training on cfg.data.train (+ validation curve)
+    results, refused = edit(session, records)              # K MSBP steps per batch, recorded (and journaled)
+    metrics = evaluate_protocol(session, records, "sequential", n_edits, n_batches)   # edit, score, restore
+    session.editor.revert(results[-1].applied.edit_id)     # exact undo
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import random
-import time
-from dataclasses import dataclass
+import math
 
 import torch
 
 from emsedit_fast.config import RunConfig
-from emsedit_fast.data.edit_batch import EditBatch
+from emsedit_fast.data.edit_batch import make_batches  # noqa: F401  (part of the API)
 from emsedit_fast.data.edit_batch import tokenize_batch
 from emsedit_fast.data.schemas import EditRecord
 from emsedit_fast.editors import Editor
@@ -24,6 +25,10 @@ from emsedit_fast.editors import build_editor
 from emsedit_fast.models.adapter import EditedModule
 from emsedit_fast.models.adapter import default_module_patterns
 from emsedit_fast.models.adapter import resolve_modules
+from emsedit_fast.protocol import evaluate_protocol  # noqa: F401  (part of the API)
+from emsedit_fast.protocol import evaluate_slices  # noqa: F401  (part of the API)
+from emsedit_fast.protocol import protocol_pre_edit  # noqa: F401  (part of the API)
+from emsedit_fast.updates import AppliedEdit
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +48,10 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-@dataclass
+@dataclasses.dataclass
 class Session:
-    """A loaded model with its tokenizer, edited modules and editor."""
+    """A loaded model with its tokenizer, edited modules and editor; optionally the checkpoint the editor came from
+    (its meta.json) and the journal that records every edit (with the header of its base model)."""
 
     cfg: RunConfig
     model: torch.nn.Module
@@ -53,10 +59,13 @@ class Session:
     modules: list[EditedModule]
     editor: Editor
     device: torch.device
+    checkpoint: dict | None = None
+    journal: object | None = None
+    header: dict | None = None
 
 
 def load_model(cfg: RunConfig):
-    """(model, tokenizer) for cfg.model, in eval mode, on its device, with no parameter requiring grad."""
+    """(model, tokenizer, device) for cfg.model, in eval mode, with no parameter requiring grad."""
     from emsedit_fast.models.smollm2 import load_model as _load
 
     device = resolve_device(cfg.model.device)
@@ -66,184 +75,230 @@ def load_model(cfg: RunConfig):
     return model, tokenizer, device
 
 
-def open_session(cfg: RunConfig, model=None, tokenizer=None) -> Session:
-    """Load (or take) the model, resolve the edited modules and build the configured editor."""
+def open_session(cfg: RunConfig | None = None, *, checkpoint: str | None = None, model=None, tokenizer=None,
+                 editor_device: str | torch.device | None = None, journal: str | None = None,
+                 allow_backend_change: bool = False) -> Session:
+    """The one way to get a session: load (or take) the model, resolve the edited modules, build the editor.
+
+    checkpoint: a trained editor (train's output); cfg then defaults to its config.yaml, the mode is the
+    checkpoint's, and its hypernetworks, normaliser and key statistics are loaded (after checking that it was trained
+    for this model). editor_device: where the hypernetworks live (default: the model's device). journal: a journal
+    folder; the model is brought to the journal's state (its active edits replayed) and `edit` records every edit
+    there. An editor with a key prior and no checkpoint estimates its key statistics from the training split.
+    """
+    from emsedit_fast import checkpoint as ckpt
+
+    meta = None
+    if checkpoint is not None:
+        meta = ckpt.read_meta(checkpoint)
+        cfg = cfg if cfg is not None else ckpt.load_config(checkpoint)
+        if cfg.mode != meta["mode"]:
+            cfg = dataclasses.replace(cfg, mode=meta["mode"])
+    if cfg is None:
+        raise ValueError("open_session needs a config or a checkpoint")
     if model is None:
         model, tokenizer, device = load_model(cfg)
     else:
         device = next(model.parameters()).device
         model.eval()
         model.requires_grad_(False)
-    patterns = list(cfg.model.modules) or default_module_patterns(model, cfg.train.mode)
+    patterns = list(cfg.model.modules) or default_module_patterns(model, cfg.mode)
     modules = resolve_modules(model, patterns)
-    editor = build_editor(model, modules, cfg.editor, cfg.train.mode, seed=cfg.seed, device=device)
-    return Session(cfg, model, tokenizer, modules, editor, device)
+    editor = build_editor(model, modules, cfg.editor, cfg.mode, seed=cfg.seed,
+                          device=resolve_device(str(editor_device)) if editor_device is not None else device)
+    session = Session(cfg, model, tokenizer, modules, editor, device, checkpoint=meta)
+    if checkpoint is not None:
+        ckpt.load_editor_state(checkpoint, editor)
+    elif cfg.editor.key_prior > 0:
+        fit_key_prior(session)
+    if journal is not None:
+        from emsedit_fast.journal import open_journal
+
+        session.journal, session.header = open_journal(
+            journal, model, modules, model_name=cfg.model.name,
+            checkpoint_id=ckpt.checkpoint_hash(meta) if meta is not None else None, editor=editor,
+            allow_backend_change=allow_backend_change)
+    return session
+
+
+def load_split(session_or_cfg, split: str, source: str | None = None) -> list[EditRecord]:
+    """Records of `split` ("train", "valid" or "eval") of the run: train and valid come from cfg.data.train (the
+    validation split is carved from the training source), eval from cfg.data.eval; `source` overrides the file."""
+    from emsedit_fast.data.splits import load_split as _load
+
+    cfg = session_or_cfg.cfg if isinstance(session_or_cfg, Session) else session_or_cfg
+    if source is None:
+        source = (cfg.data.eval or cfg.data.train) if split == "eval" else cfg.data.train
+    seed = cfg.seed if source == "bundled" else cfg.data.zsre_split_seed
+    return _load(source, split, fmt=cfg.data.format, seed=seed, valid_size=cfg.data.valid_size,
+                 train_source=cfg.data.train if split == "eval" else None)
+
+
+def fit_key_prior(session: Session, records: list[EditRecord] | None = None) -> int:
+    """Estimate the editor's key statistics (editor.key_prior) from every prompt of `records` (default: the first
+    train.prior_records training records): their edit, paraphrase and locality prompts, all positions."""
+    from emsedit_fast.data.collate import collate
+    from emsedit_fast.data.collate import record_tuples
+
+    cfg = session.cfg
+    records = list(records if records is not None else load_split(session, "train")[:cfg.train.prior_records])
+    tuples = []
+    for which in ("edit", "equiv", "unrel"):
+        tuples += [t[:2] for t in record_tuples(records, which, first_only=True)[0]]
+    batch = collate(session.tokenizer, tuples, micro_batch=16, max_length=cfg.model.max_length).to(session.device)
+    return session.editor.fit_key_prior(batch.micro_batches())
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# data
+# training
 
 
-def load_split(source: str, split: str, cfg: RunConfig) -> list[EditRecord]:
-    """Records for `split` ('train' or 'eval') from 'bundled' or a records file.
-
-    A zsRE file (one file for both) is split by a seeded permutation (METHOD.md 3.2); any other file is used whole.
-    """
-    if source == "bundled":
-        from emsedit_fast.data.facts import bundled_facts
-
-        return bundled_facts(split, seed=cfg.seed)
-    from emsedit_fast.data.schemas import load_records
-    from emsedit_fast.data.splits import zsre_split
-
-    result = load_records(source, cfg.data.format)
-    records = list(result.records)
-    if records and records[0].kind == "zsre":
-        parts = zsre_split(records, seed=cfg.data.zsre_split_seed)
-        return list(parts.train if split == "train" else parts.eval)
-    return records
-
-
-def make_batches(tokenizer, records: list[EditRecord], n_edits: int, n_batches: int, cfg: RunConfig, device,
-                 *, shuffle_seed: int | None = None, need_equiv: bool = True, need_unrel: bool = False
-                 ) -> list[EditBatch]:
-    """n_batches batches of n_edits records without replacement (the last incomplete batch is dropped); with
-    shuffle_seed the records are permuted first. Raises when the protocol does not fit the records."""
-    from emsedit_fast.data.splits import batches as cut
-
-    records = list(records)
-    if shuffle_seed is not None:
-        random.Random(shuffle_seed).shuffle(records)
-    groups = cut(records, n_edits, n_batches)
-    return [tokenize_batch(tokenizer, g, cfg.train.micro_batch, cfg.model.max_length, device, need_equiv, need_unrel)
-            for g in groups]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# training, editing, evaluation
-
-
-def train(session: Session, cfg: RunConfig, records: list[EditRecord] | None = None, trainer=None,
-          progress: bool | None = None, callbacks=()):
-    """Meta-train session.editor on cfg.data.train for cfg.train.n_batches batches; returns the trainer."""
-    from emsedit_fast.training import MetaTrainer
-
-    records = records if records is not None else load_split(cfg.data.train, "train", cfg)
+def training_batches(session: Session, records: list[EditRecord]) -> list:
+    """The run's training batches: `train.epochs` passes over `records` (each reshuffled with seed + epoch), or
+    train.n_batches batches when epochs is 0; the last incomplete batch of a pass is dropped."""
+    cfg = session.cfg
     per_epoch = len(records) // cfg.data.n_edits
     if per_epoch == 0:
         raise ValueError(f"data.train has {len(records)} records, fewer than data.n_edits={cfg.data.n_edits}")
-    batches = []
-    epoch = 0
-    while len(batches) < cfg.train.n_batches:  # more batches than one pass allows: reshuffle and go again
-        take = min(per_epoch, cfg.train.n_batches - len(batches))
-        batches += make_batches(session.tokenizer, records, cfg.data.n_edits, take, cfg, session.device,
-                                shuffle_seed=cfg.seed + epoch, need_unrel=cfg.train.loss != "l2")
+    total = math.ceil(cfg.train.epochs * per_epoch) if cfg.train.epochs > 0 else cfg.train.n_batches
+    batches, epoch = [], 0
+    while len(batches) < total:  # more batches than one pass allows: reshuffle and go again
+        take = min(per_epoch, total - len(batches))
+        batches += make_batches(session.tokenizer, records, cfg.data.n_edits, take, cfg.train.micro_batch,
+                                cfg.model.max_length, session.device, need_unrel=cfg.train.loss != "l2",
+                                shuffle_seed=cfg.seed + epoch)
         epoch += 1
+    return batches
+
+
+def eval_points(total: int, every: float) -> list[int]:
+    """Training steps after which to validate: every `every` batches (>= 1) or every fraction `every` of the run
+    (< 1), ending at `total`; [] when every is 0."""
+    if every <= 0 or total <= 0:
+        return []
+    step = every * total if every < 1 else every
+    points = sorted({min(total, max(1, round(step * i))) for i in range(1, math.ceil(total / step) + 1)})
+    return points
+
+
+def train(session: Session, records: list[EditRecord] | None = None, *, trainer=None, valid=None,
+          progress: bool | None = None, callbacks=()):
+    """Meta-train session.editor on `records` (default: the run's training split) for train.epochs passes (or
+    train.n_batches batches). With train.eval_every, the editor is validated on `valid` (default: the validation
+    split) under the sequential/batch protocol of the run before training and at those points; the learning curve
+    lands in trainer.report.curve. Returns the trainer."""
+    from emsedit_fast.callbacks import Callback
+    from emsedit_fast.trainer import MetaTrainer
+
+    cfg = session.cfg
+    records = records if records is not None else load_split(session, "train")
+    batches = training_batches(session, records)
     trainer = trainer or MetaTrainer(session.editor, cfg.train, list(callbacks))
-    trainer.train(batches, progress=progress)
+    points = eval_points(len(batches), cfg.train.eval_every)
+    if points:
+        valid = valid if valid is not None else load_split(session, "valid")
+        n_edits, t = cfg.data.n_edits, cfg.data.eval_batches
+        if cfg.mode == "sequential":
+            t = min(t, len(valid) // n_edits)
+        pre = protocol_pre_edit(session, valid, cfg.mode, n_edits, t)
+
+        def validate(step):
+            m = evaluate_protocol(session, valid, cfg.mode, n_edits, t, pre_edit=pre, progress=False)
+            point = {"step": step, "fraction": step / len(batches),
+                     **{k: m[k] for k in ("es", "gs", "ls", "ls_gold", "ls_agree", "ps") if k in m}}
+            trainer.report.curve.append(point)
+            log.info("validation after %d/%d batches: %s", step, len(batches),
+                     ", ".join(f"{k}={v:.2f}" for k, v in point.items() if isinstance(v, float)))
+
+        class Validate(Callback):
+            def on_train_step(self, trainer_, metrics):
+                if metrics["step"] in points:
+                    validate(metrics["step"])
+
+        if trainer.step == 0 and not trainer.report.curve:
+            validate(0)
+        trainer.callbacks.append(Validate())
+    try:
+        trainer.train(batches, progress=progress)
+    finally:
+        if points:
+            trainer.callbacks.pop()
     return trainer
 
 
-def edit(session: Session, records: list[EditRecord], n_steps: int | None = None):
-    """Apply K MSBP steps of session.editor to `records` as one batch; returns the recorded AppliedEdit."""
-    cfg = session.cfg
-    batch = tokenize_batch(session.tokenizer, records, cfg.train.micro_batch, cfg.model.max_length, session.device,
-                           need_equiv=False)
-    return session.editor.edit(batch.edit, n_steps=n_steps, request_ids=batch.request_ids)
+# ----------------------------------------------------------------------------------------------------------------------
+# editing
 
 
-def protocol_pre_edit(session: Session, records: list[EditRecord], mode: str, n_edits: int, n_batches: int,
-                      batch_size: int = 16):
-    """The unedited model's predictions on the records a protocol uses (for LS-agree), computed once."""
-    from emsedit_fast.evaluation import pre_edit_predictions
+@dataclasses.dataclass
+class EditResult:
+    """One edited batch: its journal line (or the same fields without a journal) and the editor's AppliedEdit."""
 
-    used = [r for b in _protocol_batches(session, records, mode, n_edits, n_batches) for r in b.records]
-    return pre_edit_predictions(session.model, session.tokenizer, used, batch_size=batch_size,
-                                max_length=session.cfg.model.max_length)
+    line: dict
+    applied: AppliedEdit
 
 
-def _protocol_batches(session: Session, records, mode: str, n_edits: int, n_batches: int) -> list[EditBatch]:
-    t_batches = n_batches if mode == "sequential" else 1
-    return make_batches(session.tokenizer, records, n_edits, t_batches, session.cfg, session.device, need_equiv=False)
+def edit(session: Session, records: list[EditRecord], *, n_edits: int | None = None, n_steps: int | None = None,
+         checkpoint: dict | None = None, measure: bool = True, progress: bool | None = None
+         ) -> tuple[list[EditResult], list[tuple[list[str], str]]]:
+    """Edit `records` into session.model with session.editor, recording every batch in session.journal if any.
 
-
-def evaluate_protocol(session: Session, records: list[EditRecord], mode: str, n_edits: int, n_batches: int,
-                      n_steps: int | None = None, *, edit: bool = True, progress: bool | None = None,
-                      batch_size: int = 16, curve_at: tuple[int, ...] = (), pre_edit=None,
-                      fluency_tokens: int = 0) -> dict:
-    """Edit, then measure (METHOD.md 16.3), then put model and editor back exactly as they were.
-
-    sequential: n_batches batches of n_edits, edited one after another; metrics on all of their records at the end.
-    batch: one batch of n_edits edited at once. edit=False measures the unedited model on the same records.
-    curve_at: in the sequential protocol, also score the records edited so far after these batch counts (the
-    "metrics against the number of edits" curve). pre_edit: the unedited model's predictions on these records
-    (computed here when None; `protocol_pre_edit` computes them once for several editors). fluency_tokens > 0: also
-    generate that many tokens greedily from the records' generation prompts on the edited model and report their
-    n-gram entropy as "fluency" (METHOD.md 16.4). Returns the metrics (percent) plus timing and the protocol.
+    n_edits: records per batch, edited one after another on the model the previous ones produced (None: all records
+    as one batch). n_steps: K MSBP steps (default: the editor's). checkpoint: {"path", "hash"} of the editor
+    checkpoint, stored in each journal line. measure: efficacy on the batch's facts right after its edit. A batch
+    whose journal write fails is taken back out of the model (exactly) before the error propagates, so the model
+    never holds an unrecorded edit. Returns (one EditResult per applied batch, [(case ids, reason)] of refused
+    batches; a refused batch leaves the model unchanged).
     """
-    from emsedit_fast import ops
-    from emsedit_fast.evaluation import evaluate_records
-    from emsedit_fast.evaluation import fluency
-    from emsedit_fast.evaluation import pre_edit_predictions
+    from tqdm.auto import tqdm
 
-    editor = session.editor
-    cfg = session.cfg
-    t_batches = n_batches if mode == "sequential" else 1
-    batches = _protocol_batches(session, records, mode, n_edits, n_batches)
-    used = [r for b in batches for r in b.records]
-    state = editor.editor_state()
-    history = list(editor.history)
-    weights_before = ops.snapshot(editor.weights())
-    reference = pre_edit if pre_edit is not None else pre_edit_predictions(
-        session.model, session.tokenizer, used, batch_size=batch_size, max_length=cfg.model.max_length)
-    prefixes = {t: [r for b in batches[:t] for r in b.records] for t in curve_at if t < len(batches)}
-    prefix_refs = {t: pre_edit_predictions(session.model, session.tokenizer, recs, batch_size=batch_size,
-                                           max_length=cfg.model.max_length) for t, recs in prefixes.items()}
-    seconds = 0.0
-    refused = 0
-    curve = []
-    try:
-        editor.reset()
-        if edit:
-            from tqdm.auto import tqdm
+    from emsedit_fast.editors import EditRefused
+    from emsedit_fast.protocol import efficacy
 
-            from emsedit_fast.editors import EditRefused
-
-            bar = tqdm(batches, desc=f"edit ({mode}, K={n_steps or editor.cfg.n_steps})", unit="batch",
-                       disable=(not progress) if progress is not None else None)
-            for t, batch in enumerate(bar, start=1):
-                start = time.perf_counter()
-                try:
-                    editor.edit(batch.edit, n_steps=n_steps, request_ids=batch.request_ids)
-                except EditRefused as err:  # counted and reported, never silently applied
-                    refused += 1
-                    log.warning("evaluation edit refused: %s", err)
-                seconds += time.perf_counter() - start
-                if t in prefixes:
-                    point = evaluate_records(session.model, session.tokenizer, prefixes[t], pre_edit=prefix_refs[t],
-                                             batch_size=batch_size, max_length=cfg.model.max_length, progress=False)
-                    curve.append({"edits": len(prefixes[t]), "edit_seconds_per_edit": seconds / len(prefixes[t]),
-                                  **point})
-        metrics = evaluate_records(session.model, session.tokenizer, used, pre_edit=reference,
-                                   batch_size=batch_size, max_length=cfg.model.max_length, progress=progress)
-        if fluency_tokens > 0:
-            metrics["fluency"], metrics["counts"]["fluency"] = fluency(
-                session.model, session.tokenizer, used, max_new_tokens=fluency_tokens, batch_size=batch_size,
-                progress=progress)
-            metrics["metric_protocol"]["fluency"] = (f"ROME n-gram entropy (2/3 H2 + 4/3 H3) / 2 of prompt + "
-                                                     f"{fluency_tokens} greedy tokens, mean over texts")
-    finally:
-        editor.reset()
-        ops.restore_(editor.weights(), weights_before, backend=editor.backend)
-        editor.load_state_dict(state)
-        editor.history.extend(history)
-    metrics = dict(metrics)
-    metrics.update({
-        "edit_seconds_per_edit": seconds / max(len(used), 1) if edit else 0.0,
-        "refused_batches": refused,
-        "curve": curve + ([{"edits": len(used), "edit_seconds_per_edit": seconds / max(len(used), 1),
-                            **{k: v for k, v in metrics.items() if isinstance(v, float)}}] if curve_at else []),
-        "protocol": {"mode": mode, "batches": t_batches, "n_edits": n_edits, "n_steps": n_steps or editor.cfg.n_steps,
-                     "edited": edit, "records": len(used)},
-    })
-    return metrics
+    cfg, editor, journal = session.cfg, session.editor, session.journal
+    records = list(records)
+    if not records:
+        raise ValueError("edit: no records")
+    if n_edits is not None and n_edits < 1:
+        raise ValueError(f"n_edits must be >= 1 (or None for one batch), got {n_edits}")
+    size = n_edits or len(records)
+    chunks = [records[i:i + size] for i in range(0, len(records), size)]
+    results, refused = [], []
+    for chunk in tqdm(chunks, desc=f"edit (K={n_steps or editor.cfg.n_steps})", unit="batch",
+                      disable=(not progress) if progress is not None else None):
+        batch = tokenize_batch(session.tokenizer, chunk, cfg.train.micro_batch, cfg.model.max_length, session.device,
+                               need_equiv=False)
+        stats_before = editor.normaliser_state()
+        try:
+            applied = editor.edit(batch.edit, n_steps=n_steps, request_ids=batch.request_ids)
+        except EditRefused as err:
+            refused.append(([r.case_id for r in chunk], str(err)))
+            log.warning("edit batch %s refused (model unchanged): %s", [r.case_id for r in chunk], err)
+            continue
+        applied.normaliser = {k: v.cpu() for k, v in editor.normaliser_state().items()}
+        line = {
+            "n_facts": len(chunk),
+            "request_ids": list(applied.request_ids),
+            "facts": [{"case_id": r.case_id, "prompt": r.prompt, "target_new": r.target_new} for r in chunk],
+            "editor": {"name": editor.cfg.name, "mode": editor.mode, "n_steps": len(applied.steps)},
+            "editor_checkpoint": checkpoint or {},
+            "base_fingerprint": (session.header or {}).get("base_fingerprint"),
+            "backend": {"ops": dict(applied.ops_ran)},
+            "device": {"model": str(session.device), "editor": str(editor.device)},
+            "seconds": applied.seconds,
+        }
+        if measure:
+            line["efficacy"] = efficacy(session.model, session.tokenizer, chunk, max_length=cfg.model.max_length)
+        if journal is not None:
+            try:
+                line = journal.record(applied.cpu(), line, session.header)
+            except BaseException:  # not committed: take the edit back out (exactly) so model and journal agree
+                editor.revert(applied.edit_id)
+                editor.load_normaliser_state(stats_before)
+                raise
+        else:
+            line = {**line, "delta_norms": applied.delta_norms(),
+                    "backend": {"apply": dict(applied.backend), **line["backend"]}}
+        applied.info = dict(line)
+        results.append(EditResult(line, applied))
+    return results, refused

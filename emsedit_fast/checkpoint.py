@@ -3,7 +3,7 @@
     <dir>/config.yaml               the fully resolved RunConfig
     <dir>/hypernets.safetensors     editor parameters and normaliser buffers (fp32 / fp64)
     <dir>/trainer_state.pt          optimiser state, training step, report (present when saved from a trainer)
-    <dir>/meta.json                 format version, package version, git sha, editor kind, regime, base-model id and
+    <dir>/meta.json                 format version, package version, git sha, editor kind, mode, base-model id and
                                     fingerprint, edited modules with shapes and layouts, training step, file hashes
 
 Saving writes everything into a sibling temporary directory, fsyncs it, then renames it into place (a previous
@@ -31,13 +31,14 @@ from safetensors.torch import save_file
 
 from emsedit_fast.config import RunConfig
 from emsedit_fast.config import build
+from emsedit_fast.config import migrate
 from emsedit_fast.config import to_dict
 from emsedit_fast.models.adapter import fingerprint_details
 from emsedit_fast.version import __version__
 
 FORMAT_VERSION = 1
 FILES = ("config.yaml", "hypernets.safetensors", "meta.json")
-_META_KEYS = ("editor", "regime", "files", "fingerprint_details", "training_step")
+_META_KEYS = ("editor", "mode", "files", "fingerprint_details", "training_step")
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,11 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
+def checkpoint_hash(meta: dict) -> str:
+    """A short identity of an editor checkpoint: sha256 over its files' recorded hashes."""
+    return hashlib.sha256(json.dumps(meta.get("files", {}), sort_keys=True).encode()).hexdigest()
+
+
 def _fsync_dir(path: str) -> None:
     for name in os.listdir(path):
         with open(os.path.join(path, name), "rb") as f:
@@ -72,9 +78,9 @@ def _fsync_dir(path: str) -> None:
 
 def base_fingerprint(editor) -> dict:
     """Fingerprint details of the UNEDITED model: the editor's W0 snapshot stands in for the current weights."""
-    current = [w.clone() for w in editor.weights()]
     from emsedit_fast import ops
 
+    current = ops.snapshot(editor.weights())
     ops.restore_(editor.weights(), editor.base, backend="reference")
     try:
         return fingerprint_details(editor.model, editor.modules_)
@@ -155,7 +161,7 @@ def save_checkpoint(path: str, editor, cfg: RunConfig, trainer=None, extra_meta:
             "git_sha": _git_sha(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "editor": editor.cfg.name,
-            "regime": editor.regime,
+            "mode": editor.mode,
             "n_steps": editor.cfg.n_steps,
             "base_model": cfg.model.name,
             "fingerprint": hashlib.sha256(json.dumps(details, sort_keys=True).encode()).hexdigest(),
@@ -201,6 +207,8 @@ def read_meta(path: str) -> dict:
         raise CheckpointError(f"{meta_path}: corrupt JSON ({err})") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{meta_path}: corrupt (a JSON {type(meta).__name__}, not an object)")
+    if "regime" in meta and "mode" not in meta:  # the key's name in checkpoints of earlier versions
+        meta["mode"] = meta.pop("regime")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {version!r} is not supported by emsedit_fast "
@@ -218,8 +226,9 @@ def read_meta(path: str) -> dict:
 
 
 def load_config(path: str) -> RunConfig:
+    """The resolved RunConfig a checkpoint was trained with (older layouts migrated, see config.migrate)."""
     with open(os.path.join(path, "config.yaml")) as f:
-        return build(RunConfig, yaml.safe_load(f))
+        return build(RunConfig, migrate(yaml.safe_load(f) or {}))
 
 
 def _diff(saved: dict, current: dict) -> list[str]:
@@ -260,9 +269,9 @@ def check_compatible(meta: dict, editor, strict_weights: bool = True) -> None:
 def load_editor_state(path: str, editor, trainer=None, strict_weights: bool = True) -> dict:
     """Load parameters and normaliser state (and the trainer state when given) into `editor`; returns meta."""
     meta = read_meta(path)
-    if meta["editor"] != editor.cfg.name or meta["regime"] != editor.regime:
-        raise CheckpointError(f"{path}: holds a {meta['editor']} editor ({meta['regime']}), not "
-                              f"{editor.cfg.name} ({editor.regime})")
+    if meta["editor"] != editor.cfg.name or meta["mode"] != editor.mode:
+        raise CheckpointError(f"{path}: holds a {meta['editor']} editor ({meta['mode']} mode), not "
+                              f"{editor.cfg.name} ({editor.mode} mode)")
     check_compatible(meta, editor, strict_weights)
     try:
         state = load_file(os.path.join(path, "hypernets.safetensors"))

@@ -2,10 +2,13 @@
 
     RunConfig
       model:   ModelConfig    which causal LM, dtype, device, edited modules
-      editor:  EditorConfig   method, MSBP steps K, hypernetwork shape, solve form, backend
-      train:   TrainConfig    regime (sequential | batch), losses, optimiser, budgets
-      data:    DataConfig     records for training and evaluation, edits per batch, batches
+      editor:  EditorConfig   method, MSBP steps K, hypernetwork shape, solve form, key prior, undo, backend
+      train:   TrainConfig    losses, optimiser, budgets
+      data:    DataConfig     records for training, validation and evaluation, edits per batch, batches
+      mode:    sequential (lifelong: many small batches, step-specific networks) | batch (one large batch)
       profile, seed, output
+
+The commands share their flags through `add_run_arguments` and turn them into a RunConfig with `config_from_args`.
 
 The loader rejects unknown keys (naming the valid ones and the closest match), coerces values to the declared field
 type (PyYAML reads `1e-6` as a string; an int where a float is declared becomes a float), checks Literal choices and
@@ -49,30 +52,38 @@ class EditorConfig:
     name: Literal["mend", "malmen", "rledit", "emsedit"] = "emsedit"
     n_steps: int = 2  # K: backpropagation steps per edit batch (MSBP); 1 = the single-step editors
     rank: int = 256  # hypernetwork rank r (sequential step k uses floor(r / k) when rank_schedule = divide)
+    step_rank: int = 0  # rank of the sequential networks of steps k >= 2 (0: the rank schedule decides)
     n_blocks: int = 4
     block_order: Literal["relu_affine", "affine_relu"] = "relu_affine"
     aggregation: Literal["ridge", "outer"] = "ridge"  # MALMEN/RLEdit/EMSEdit least squares, or MEND's sum
     eta_init: float = 1e-6
+    eta_param: Literal["linear", "log"] = "linear"  # learn eta (may change sign, as published) or log eta
     lambda_init: float = 0.0
     rank_schedule: Literal["divide", "constant"] = "divide"
     solve_form: Literal["auto", "dual", "primal"] = "auto"
+    key_prior: float = 0.0  # gamma of the key prior beta gamma E||S^T x||^2 over generic keys x (0: plain ridge)
     freeze_normaliser_at_eval: bool = False  # MEND behaviour: statistics only move while training
     std_floor: float = 0.0  # clamp the normaliser's std from below (0 = reference)
     hypernet_chunk: int = 128  # rows per recomputation chunk in the meta-gradient
     max_delta_norm: float = 0.0  # refuse an edit whose per-layer ||dW||_F exceeds this (0 = no bound)
+    undo: Literal["replay", "snapshot"] = "replay"  # how an edit is undone: replay onto a base, or a per-edit copy
+    max_undo: int = 64  # edits kept undoable one by one; older ones are folded into the base (0: all)
     backend: Literal["auto", "fast", "reference", "cpp", "triton"] = "auto"
 
     def __post_init__(self):
         _check(1 <= self.n_steps <= 8, "editor.n_steps", "must be in 1..8")
         _check(self.rank >= 1, "editor.rank", "must be >= 1")
+        _check(self.step_rank >= 0, "editor.step_rank", "must be >= 0")
         _check(self.n_blocks >= 1, "editor.n_blocks", "must be >= 1")
         _check(self.hypernet_chunk >= 1, "editor.hypernet_chunk", "must be >= 1")
         _check(self.std_floor >= 0 and self.max_delta_norm >= 0, "editor.std_floor/max_delta_norm", "must be >= 0")
+        _check(self.key_prior >= 0, "editor.key_prior", "must be >= 0")
+        _check(self.max_undo >= 0, "editor.max_undo", "must be >= 0")
+        _check(self.eta_param == "linear" or self.eta_init > 0, "editor.eta_init", "must be > 0 with eta_param log")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    mode: Literal["sequential", "batch"] = "sequential"
     loss: Literal["l2", "kl", "rledit_decay"] = "l2"  # EMSEdit drift penalty, KL locality, RLEdit decayed loss
     edit_coef: float = 1.0
     loc_coef: float = 0.6  # KL weight
@@ -88,13 +99,18 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seq_optimizer_step: Literal["every_batch", "once_at_end"] = "every_batch"
     batch_step_chaining: Literal["reset", "chain"] = "reset"
-    n_batches: int = 20  # training batches (sequential) or steps (batch mode)
+    n_batches: int = 20  # training batches (sequential) or steps (batch mode); `epochs` overrides it
+    epochs: float = 0.0  # passes over the training split (0: train n_batches batches)
     micro_batch: int = 4
-    eval_every: int = 0  # 0 = only at the end
+    eval_every: float = 0.0  # validation during training: every N batches (N >= 1) or fraction of the run (< 1)
+    prior_records: int = 300  # training records whose prompts estimate the key statistics (editor.key_prior)
 
     def __post_init__(self):
         _check(self.meta_lr > 0, "train.meta_lr", "must be > 0")
         _check(self.n_batches >= 1, "train.n_batches", "must be >= 1")
+        _check(self.epochs >= 0, "train.epochs", "must be >= 0")
+        _check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
+        _check(self.prior_records >= 1, "train.prior_records", "must be >= 1")
         _check(self.micro_batch >= 1, "train.micro_batch", "must be >= 1")
         _check(self.back_depth >= 1, "train.back_depth", "must be >= 1")
         _check(0 < self.time_decay <= 1, "train.time_decay", "must be in (0, 1]")
@@ -103,16 +119,18 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    train: str = "bundled"  # "bundled" (the package's own facts) or a records file
-    eval: str = "bundled"
+    train: str = "bundled"  # "bundled" (the package's own facts) or a records file; the validation split is carved
+    eval: str = ""  # from it. eval: the records that are only reported on ("": the training source's evaluation part)
     format: str = "auto"
     n_edits: int = 10  # edits per batch
     eval_batches: int = 5  # T evaluation batches (sequential); batch mode edits one batch of n_edits
+    valid_size: int = 0  # records held out of the training source for validation (0: the dataset's default)
     zsre_split_seed: int = 0
 
     def __post_init__(self):
         _check(self.n_edits >= 1, "data.n_edits", "must be >= 1")
         _check(self.eval_batches >= 1, "data.eval_batches", "must be >= 1")
+        _check(self.valid_size >= 0, "data.valid_size", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -121,21 +139,10 @@ class RunConfig:
     editor: EditorConfig = field(default_factory=EditorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    mode: Literal["sequential", "batch"] = "sequential"
     profile: Literal["default", "reference"] = "default"
     seed: int = 0
     output: str = "runs/emsedit"
-
-
-# METHOD.md 14.4: the small-model profile (SmolLM2-135M and similar on a CPU or a small GPU). Rank 256; the step size
-# starts at 1e-3 rather than the 7B-scale 1e-6 (with 1e-6 an untrained editor's edits round away on a 576-wide model,
-# so short training budgets could not move it); Adam at 1e-4 for the hypernetworks. Adam moves every parameter by
-# about its learning rate per step whatever the parameter's scale, so eta (1e-3) and log-ridge get 1e-4 * 0.01: at
-# the full rate eta crossed zero within 16 batches and every edit pointed the wrong way. The drift penalty
-# c * sum_l ||W_l - W_l^0||^2 grows with eta^2, so c shrinks from the 7B-scale 0.5 to 0.005 here (16 training batches
-# of 8 bundled edits, 3 x 8 held-out, K = 2: c = 0.5 / 0.05 / 0.005 / 0 gave ES 22 / 48 / 70 / 85 and LS 85 / 62 /
-# 52 / 40). Starting points to tune; every run records them.
-SMALL_MODEL_PROFILE = {"editor": {"rank": 256, "eta_init": 1e-3},
-                       "train": {"meta_lr": 1e-4, "scalar_lr_scale": 0.01, "reg_coef": 0.005}}
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
@@ -258,14 +265,24 @@ def _one_line(err: Exception) -> str:
     return " ".join(str(err).split())
 
 
+def migrate(values: dict) -> dict:
+    """A config dict written when the mode was a training key (train.mode) in today's layout (top-level mode)."""
+    values = dict(values)
+    train = dict(values.get("train") or {})
+    if "mode" in train:
+        values.setdefault("mode", train.pop("mode"))
+        values["train"] = train
+    return values
+
+
 def load(editor: str = "emsedit", mode: str | None = None, files: list[str] = (), overrides: list[str] = (),
          extra: dict | None = None, defaults: dict | None = None) -> RunConfig:
-    """Resolve a run config, later sources winning: the editor preset, `defaults` (a command's own), YAML `files`,
-    `extra` (explicit flags), then dotted `overrides`. `mode` picks the regime (default: the preset's)."""
+    """Resolve a run config, later sources winning: the editor preset, `mode` (default: the preset's),
+    `defaults` (a command's own), YAML `files`, `extra` (explicit flags), then dotted `overrides`."""
     values = preset("editor", editor)
     values.setdefault("editor", {})["name"] = values.get("editor", {}).get("name", editor)
-    chosen_mode = mode or values.get("train", {}).get("mode", "sequential")
-    values = _merge(values, {"train": {"mode": chosen_mode}})
+    if mode is not None:
+        values["mode"] = mode
     if defaults:
         values = _merge(values, defaults)
     for path in files:
@@ -276,13 +293,17 @@ def load(editor: str = "emsedit", mode: str | None = None, files: list[str] = ()
             raise ConfigError(f"{path}: not valid YAML ({_one_line(err)})") from None
         except UnicodeDecodeError as err:
             raise ConfigError(f"{path}: not a text file ({err})") from None
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a config file must hold a mapping")
-        values = _merge(values, loaded)
+        values = _merge(values, migrate(loaded))
     if extra:
         values = _merge(values, extra)
     for text in overrides:
         path, value = parse_override(text)
+        if path == ["train", "mode"]:  # the key's earlier home
+            path = ["mode"]
         node = values
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -296,10 +317,57 @@ def load(editor: str = "emsedit", mode: str | None = None, files: list[str] = ()
 
 
 def apply_reference_profile(cfg: RunConfig) -> RunConfig:
-    """METHOD.md 14.5: reproduce the published code's legitimate choices (once-at-end sequential Adam step,
-    sequential c_reg 0.25, reset chaining)."""
+    """Reproduce the published code's legitimate choices: one Adam step at the end of sequential training with the
+    sequential drift coefficient 0.25 it effectively used, and reset chaining in the batch mode."""
+    sequential = cfg.mode == "sequential"
     train = dataclasses.replace(cfg.train, batch_step_chaining="reset",
-                                seq_optimizer_step="once_at_end" if cfg.train.mode == "sequential"
-                                else cfg.train.seq_optimizer_step,
-                                reg_coef=0.25 if cfg.train.mode == "sequential" else cfg.train.reg_coef)
+                                seq_optimizer_step="once_at_end" if sequential else cfg.train.seq_optimizer_step,
+                                reg_coef=0.25 if sequential else cfg.train.reg_coef)
     return dataclasses.replace(cfg, train=train)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the commands' shared flags
+
+
+def add_run_arguments(parser, mode: bool = True) -> None:
+    """Options shared by the commands (train, evaluate, edit, compare, distributed, sweep): what to load and how.
+    mode=False leaves out --mode (edit: the checkpoint's mode is fixed)."""
+    parser.add_argument("--editor", default="emsedit", choices=["emsedit", "malmen", "rledit", "mend"])
+    if mode:
+        parser.add_argument("--mode", choices=["sequential", "batch"],
+                            help="sequential (lifelong: many small batches) or batch editing (default: the editor's)")
+    parser.add_argument("--steps", type=int, help="K, MSBP steps per edit batch (editor.n_steps)")
+    parser.add_argument("--model", help="smollm2-135m | tiny-llama | tiny-gpt2 | a local Hugging Face model folder")
+    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--backend", choices=["auto", "fast", "reference", "cpp", "triton"])
+    parser.add_argument("--config", action="append", default=[], help="YAML file(s) merged over the preset")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config key, e.g. --set editor.rank=128 (repeatable)")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+
+
+# flag name -> (section or None for top level, config key)
+_FLAG_KEYS = {"steps": ("editor", "n_steps"), "backend": ("editor", "backend"), "model": ("model", "name"),
+              "device": ("model", "device"), "dtype": ("model", "dtype"), "n_edits": ("data", "n_edits"),
+              "n_batches": ("train", "n_batches"), "epochs": ("train", "epochs"),
+              "eval_every": ("train", "eval_every"), "eval_batches": ("data", "eval_batches"),
+              "train_data": ("data", "train"), "eval_data": ("data", "eval"), "output": (None, "output"),
+              "seed": (None, "seed")}
+
+
+def config_from_args(args, defaults: dict | None = None, editor: str | None = None) -> RunConfig:
+    """Preset -> `defaults` -> --config files -> explicit flags -> --set overrides (later wins).
+
+    Flags the command did not define, or that were not given, are skipped."""
+    flags: dict = {}
+    for flag, (section, key) in _FLAG_KEYS.items():
+        value = getattr(args, flag, None)
+        if value is None or value == "":
+            continue
+        (flags.setdefault(section, {}) if section else flags)[key] = value
+    return load(editor or args.editor, mode=getattr(args, "mode", None), files=getattr(args, "config", []),
+                overrides=getattr(args, "set", []), extra=flags, defaults=defaults)

@@ -5,6 +5,8 @@
 
 Writes <output>/results.json, <output>/report.md and PNG plots (metrics against the number of edits, editing time
 per edit), and prints the table. The unedited model is always scored on the same records, next to the editor.
+--split valid scores the validation split (carved from the training data; what tuning reads); the default is the
+evaluation split, which is only reported.
 
     python -m emsedit_fast.evaluate --unedited --data ../shared/data/counterfact/counterfact-val.json
     python -m emsedit_fast.evaluate --checkpoint runs/emsedit-sequential/checkpoint --mode sequential \\
@@ -19,58 +21,12 @@ import os
 import sys
 
 from emsedit_fast.cli import run_command
+from emsedit_fast.config import add_run_arguments
 
 log = logging.getLogger("emsedit_fast.evaluate")
 
-PLOTTED = (("es", "ES"), ("gs", "GS"), ("ls", "LS"), ("ls_gold", "LS-gold"), ("ls_agree", "LS-agree"), ("ps", "Port."))
-
-
-def plot_curves(curves: dict[str, list[dict]], output: str) -> list[str]:
-    """metrics_vs_edits.png and time_per_edit.png from {row name: curve points}; returns the files written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    files = []
-    curves = {name: pts for name, pts in curves.items() if pts}
-    if not curves:
-        return files
-    keys = [(k, h) for k, h in PLOTTED if any(k in p for pts in curves.values() for p in pts)]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.0), squeeze=False)
-    for ax, (key, header) in zip(axes[0], keys):
-        for name, pts in curves.items():
-            xs = [p["edits"] for p in pts if key in p]
-            ax.plot(xs, [p[key] for p in pts if key in p], marker="o", label=name)
-        ax.set_title(header)
-        ax.set_xlabel("edits")
-        ax.set_ylim(-2, 102)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("%")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    path = os.path.join(output, "metrics_vs_edits.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    files.append(path)
-    fig, ax = plt.subplots(figsize=(4.2, 3.0))
-    for name, pts in curves.items():
-        ax.plot([p["edits"] for p in pts], [p["edit_seconds_per_edit"] for p in pts], marker="o", label=name)
-    ax.set_xlabel("edits")
-    ax.set_ylabel("editing seconds per edit")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = os.path.join(output, "time_per_edit.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    files.append(path)
-    return files
-
 
 def main(argv: list[str] | None = None) -> int:
-    from emsedit_fast.train import add_run_arguments
-
     parser = argparse.ArgumentParser(prog="python -m emsedit_fast.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser)
@@ -78,8 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--checkpoint", help="an editor checkpoint folder (from python -m emsedit_fast.train)")
     which.add_argument("--unedited", action="store_true", help="score the unedited model only")
     parser.add_argument("--data", default=None, help="'bundled' or a records file (default: the run's eval data)")
+    parser.add_argument("--split", choices=["eval", "valid"], default="eval",
+                        help="eval: the evaluation split (reported); valid: the validation split (tuning)")
     parser.add_argument("--n-edits", type=int, help="edits per batch (batch protocol: the batch size)")
     parser.add_argument("--batches", type=int, help="N batches for the sequential protocol")
+    parser.add_argument("--slices", type=int, default=1, help="disjoint protocol slices to average over")
     parser.add_argument("--curve", default="", help="also score after these batch counts, e.g. 1,2,5 (sequential)")
     parser.add_argument("--batch-size", type=int, default=16, help="evaluation forward batch size")
     parser.add_argument("--fluency-tokens", type=int, default=0, metavar="N",
@@ -94,51 +53,60 @@ def _run(args) -> int:
 
     from emsedit_fast import api
     from emsedit_fast.checkpoint import load_config
-    from emsedit_fast.checkpoint import load_editor_state
-    from emsedit_fast.checkpoint import read_meta
     from emsedit_fast.config import load
+    from emsedit_fast.config import to_dict
+    from emsedit_fast.profiles import resolve_run
+    from emsedit_fast.report import plot_curves
     from emsedit_fast.report import results_table
     from emsedit_fast.report import write_json
-    from emsedit_fast.train import resolve_config
 
-    if args.checkpoint:
-        meta = read_meta(args.checkpoint)
-        saved = load_config(args.checkpoint)
-        cfg = load(saved.editor.name, mode=saved.train.mode, extra=_as_dict(saved), overrides=args.set)
-        cfg = _apply_flags(cfg, args)
-    else:
-        meta = None
-        cfg = resolve_config(args)
-    data = args.data or cfg.data.eval
-    mode = cfg.train.mode
-    n_edits = args.n_edits if args.n_edits is not None else cfg.data.n_edits
-    t = args.batches if args.batches is not None else cfg.data.eval_batches
-    for flag, value in (("--n-edits", n_edits), ("--batches", t), ("--batch-size", args.batch_size)):
-        if value < 1:
+    for flag, value in (("--n-edits", args.n_edits), ("--batches", args.batches), ("--batch-size", args.batch_size),
+                        ("--slices", args.slices)):
+        if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
-    cfg = dataclasses.replace(cfg, output=args.output)
-    os.makedirs(args.output, exist_ok=True)
-    progress = False if args.no_progress else None
-    session = api.open_session(cfg)
-    if meta is not None:
-        load_editor_state(args.checkpoint, session.editor)
-    records = api.load_split(data, "eval", cfg)
+    if args.fluency_tokens < 0:
+        raise ValueError(f"--fluency-tokens must be >= 0, got {args.fluency_tokens}")
     try:
         curve_at = tuple(int(x) for x in args.curve.split(",") if x.strip())
     except ValueError:
         raise ValueError(f"--curve: expected comma-separated batch counts such as 1,2,5, got {args.curve!r}") from None
-    if args.fluency_tokens < 0:
-        raise ValueError(f"--fluency-tokens must be >= 0, got {args.fluency_tokens}")
-    rows = [("unedited", api.evaluate_protocol(session, records, mode, n_edits, t, edit=False, progress=progress,
-                                               batch_size=args.batch_size, fluency_tokens=args.fluency_tokens))]
+    if args.checkpoint:
+        saved = load_config(args.checkpoint)
+        # the checkpoint's config, with the mode, model location, device, dtype and backend flags over it; --steps
+        # applies per evaluation (fewer MSBP steps than trained), never to the editor's shape
+        flags = {"model": {k: v for k, v in (("name", args.model), ("device", args.device), ("dtype", args.dtype))
+                           if v},
+                 "editor": {"backend": args.backend} if args.backend else {}}
+        cfg = load(saved.editor.name, mode=args.mode or saved.mode, extra=_merged(to_dict(saved), flags),
+                   overrides=args.set)
+        session = api.open_session(cfg, checkpoint=args.checkpoint)
+        meta = session.checkpoint
+    else:
+        cfg, _ = resolve_run(argparse.Namespace(**{**vars(args), "train_data": None}))
+        session = api.open_session(cfg)
+        meta = None
+    mode = cfg.mode
+    n_edits = args.n_edits if args.n_edits is not None else cfg.data.n_edits
+    t = args.batches if args.batches is not None else cfg.data.eval_batches
+    cfg = dataclasses.replace(cfg, output=args.output)
+    os.makedirs(args.output, exist_ok=True)
+    progress = False if args.no_progress else None
+    records = api.load_split(session, args.split, source=args.data)
+    data = args.data or (cfg.data.eval or cfg.data.train)
+    rows = [("unedited", api.evaluate_slices(session, records, mode, n_edits, t, args.slices, edit=False,
+                                             progress=progress))]
     if meta is not None:
         k = args.steps or cfg.editor.n_steps
-        rows.append((f"{cfg.editor.name} K={k}",
-                     api.evaluate_protocol(session, records, mode, n_edits, t, k, progress=progress,
+        if args.slices == 1:
+            scored = api.evaluate_protocol(session, records, mode, n_edits, t, k, progress=progress,
                                            batch_size=args.batch_size, curve_at=curve_at,
-                                           fluency_tokens=args.fluency_tokens)))
+                                           fluency_tokens=args.fluency_tokens)
+        else:
+            scored = api.evaluate_slices(session, records, mode, n_edits, t, args.slices, k, progress=progress)
+        rows.append((f"{cfg.editor.name} K={k}", scored))
     shown = t if mode == "sequential" else 1
-    title = (f"{cfg.model.name}, {data}: {mode} {shown} x {n_edits} edits, seed {cfg.seed}, device {session.device}"
+    title = (f"{cfg.model.name}, {data} ({args.split} split): {mode} {shown} x {n_edits} edits, {args.slices} "
+             f"slice(s), seed {cfg.seed}, device {session.device}"
              + (f", checkpoint {args.checkpoint} (trained {meta['training_step']} batches)" if meta else ""))
     table = results_table(rows, title)
     print("\n" + table + "\n")
@@ -148,26 +116,17 @@ def _run(args) -> int:
         for path in plots:
             f.write(f"\n![{os.path.basename(path)}]({os.path.basename(path)})\n")
     write_json(os.path.join(args.output, "results.json"),
-               {"title": title, "rows": {name: m for name, m in rows}, "checkpoint": args.checkpoint, "data": data})
+               {"title": title, "rows": {name: m for name, m in rows}, "checkpoint": args.checkpoint, "data": data,
+                "split": args.split})
     log.info("wrote %s", ", ".join([os.path.join(args.output, n) for n in ("results.json", "report.md")] + plots))
     return 0
 
 
-def _as_dict(cfg) -> dict:
-    from emsedit_fast.config import to_dict
-
-    return to_dict(cfg)
-
-
-def _apply_flags(cfg, args):
-    """Command-line flags over a checkpoint's config (model location, device, dtype, backend). --steps is applied
-    per evaluation (fewer MSBP steps than trained), never to the editor's shape."""
-    import dataclasses
-
-    model = dataclasses.replace(cfg.model, **{k: v for k, v in (("name", args.model), ("device", args.device),
-                                                               ("dtype", args.dtype)) if v})
-    editor = dataclasses.replace(cfg.editor, **{k: v for k, v in (("backend", args.backend),) if v})
-    return dataclasses.replace(cfg, model=model, editor=editor)
+def _merged(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""Export edits as a PEFT LoRA adapter: load it with `PeftModel.from_pretrained(base_model, dir)` on the UNEDITED model.
+"""Export edits: as a PEFT LoRA adapter (`export_lora`), or the whole edited model (`save_model`).
+
+Load the adapter with `PeftModel.from_pretrained(base_model, dir)` on the UNEDITED model.
 
 A dual/outer step changes layer l by dW_l = M_l^T K_l (d_out, d_in) with M_l (n, d_out) and K_l (n, d_in), so its rank
 is at most n. Several steps and edits sum: concatenating their factors gives
@@ -31,10 +33,10 @@ from dataclasses import dataclass
 
 import torch
 
-from emsedit_fast.journal import EditFactors
-from emsedit_fast.journal import atomic_save_safetensors
-from emsedit_fast.journal import lowrank_norm
-from emsedit_fast.journal import total_deltas
+from emsedit_fast.editfiles import atomic_save_safetensors
+from emsedit_fast.updates import AppliedEdit
+from emsedit_fast.updates import lowrank_norm
+from emsedit_fast.updates import total_deltas
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,7 @@ def _tail_error(s: torch.Tensor, rank: int) -> tuple[float, float]:
     return math.sqrt(tail), math.sqrt(total)
 
 
-def lora_factors(edits: list[EditFactors], rank: int | None = None
+def lora_factors(edits: list[AppliedEdit], rank: int | None = None
                  ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[LoraLayer]]:
     """{layer: (lora_B (d_out, r_l), lora_A (r_l, d_in)) fp32} for the sum of `edits`, and per-layer details.
 
@@ -122,7 +124,7 @@ def lora_factors(edits: list[EditFactors], rank: int | None = None
     return out, layers
 
 
-def export_lora(edits: list[EditFactors], modules: list[dict], path: str, *, rank: int | None = None,
+def export_lora(edits: list[AppliedEdit], modules: list[dict], path: str, *, rank: int | None = None,
                 base_model: str | None = None) -> LoraExport:
     """Write `edits` (their summed update) as a PEFT LoRA adapter folder: adapter_config.json and
     adapter_model.safetensors (+ emsedit_export.json with the per-layer ranks and errors).
@@ -171,3 +173,44 @@ def export_lora(edits: list[EditFactors], modules: list[dict], path: str, *, ran
     log.info("exported %d layer(s) as LoRA to %s (ranks %s, relative error %.3g)", len(layers), path,
              sorted(set(ranks.values())), result.rel_error)
     return result
+
+
+def save_model(model, tokenizer, path: str, extra: dict | None = None) -> str:
+    """save_pretrained (safetensors) of the model and its tokenizer into `path`, plus emsedit_edits.json.
+
+    Atomic: everything is written into a temporary sibling folder, fsynced, then renamed into place (a previous save at
+    `path` is renamed aside first and deleted last), so a crash leaves `path` as it was or complete, never a new model
+    next to an old emsedit_edits.json. An existing `path` must be an earlier save (or empty): it is replaced whole.
+    """
+    import shutil
+    import tempfile
+
+    path = os.path.abspath(path)
+    ours = os.path.isdir(path) and (not os.listdir(path) or os.path.exists(os.path.join(path, "emsedit_edits.json")))
+    if os.path.exists(path) and not ours:
+        raise ValueError(f"--save-model {path}: exists and is not a model saved by this command; choose a new folder")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "emsedit_edits.json"), "w") as f:
+            json.dump(extra or {}, f, indent=2)
+        for name in os.listdir(tmp):
+            file = os.path.join(tmp, name)
+            if os.path.isfile(file):
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
+        old = None
+        if os.path.exists(path):
+            old = f"{path}.old-{os.getpid()}"
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

@@ -30,19 +30,38 @@ def collect() -> dict:
         devices.append("cuda")
     backends = {dev: availability(dev) for dev in devices}
     backends.setdefault("cuda", {"reference": "no CUDA device", "cpp": "no CUDA device", "triton": "no CUDA device"})
-    cuda_ext = "available" if _ext.has_cuda() else (
-        "not built: this torch has no CUDA" if torch.version.cuda is None else "not built (no toolkit or GPU at build)")
+    record = _ext.build_record()
     return {
         "versions": versions,
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "cpp_extension": {"loaded": _ext.load_error() is None, "error": _ext.load_error(), "build": _ext.build_info(),
-                          "cuda_kernels": cuda_ext},
+                          "cuda_kernels": cuda_kernels_status(_ext.has_cuda(), torch.version.cuda,
+                                                              torch.cuda.is_available(), record),
+                          "build_record": record},
         "triton_mode": "interpreter (TRITON_INTERPRET=1)" if interpreting() else (
             "compiled (CUDA)" if torch.cuda.is_available() else "unavailable without a GPU or TRITON_INTERPRET=1"),
         "backends": backends,
         "ops": {dev: {op: _op_support(stem, op, dev, backends[dev]) for stem, names in OPS_BY_STEM.items()
                       for op in names} for dev in devices},
     }
+
+
+def cuda_kernels_status(has_cuda: bool, torch_cuda: str | None, gpu: bool, record: dict) -> str:
+    """One line on the CUDA kernels of _C: "available", or why not, taken from the build's own record when it left
+    one. A machine with a GPU but without them gets a line that says the kernels are lost."""
+    if has_cuda:
+        return "available"
+    if torch_cuda is None:
+        return "not built: this torch has no CUDA"
+    if record.get("error"):
+        why = f"the last build failed ({record['error']})"
+    elif record.get("cuda_skipped"):
+        why = record["cuda_skipped"]
+    elif record.get("cuda"):
+        why = "built with CUDA, but the loaded _C is not that build (rebuild: pip install -e . --no-build-isolation)"
+    else:
+        why = "no build record (emsedit_fast/_build.json); rebuild to see why"
+    return ("LOST on this GPU machine: " if gpu else "not built: ") + why
 
 
 def _op_support(stem: str, op: str, device: str, backends: dict) -> dict:
@@ -74,6 +93,14 @@ def format_report(info: dict) -> str:
     if cpp["build"]:
         lines.append("  build:         " + ", ".join(f"{k}={v}" for k, v in cpp["build"].items()))
     lines.append(f"  CUDA kernels:  {cpp['cuda_kernels']}")
+    rec = cpp.get("build_record") or {}
+    if rec:
+        lines.append(f"  last build:    {'built' if rec.get('built') else 'FAILED'} against torch {rec.get('torch')}, "
+                     f"{rec.get('cxx_std')}, CUDA {'on' if rec.get('cuda') else 'off'}"
+                     + (f" (CUDA_HOME={rec['cuda_home']}, arch {rec.get('arch_list')})" if rec.get("cuda") else ""))
+        if rec.get("torch") and rec["torch"] != info["versions"]["torch"]:
+            lines.append(f"  WARNING:       _C was built against torch {rec['torch']} but torch "
+                         f"{info['versions']['torch']} is running: rebuild it")
     lines.append(f"Triton:          {info['triton_mode']}")
     lines += ["", "backends (available, or why not):"]
     for dev, table in info["backends"].items():

@@ -8,6 +8,8 @@ METHOD.md sections 5 and 6.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -38,13 +40,17 @@ class RunningStats(nn.Module):
 class HyperNet(nn.Module):
     """g_phi for one shape group: z0 = (x - mu) / (sigma + eps); z_b = z_{b-1} + h_b(z_{b-1}); output z_B.
 
-    Initialisation (METHOD.md 6.2): A ~ N(0, 1), B = 0, c = 0, s = 1, t = 0, eta = eta_init, log_ridge = lambda_init,
-    so the untrained network is exactly the identity on normalised rows.
+    Initialisation: A ~ N(0, 1), B = 0, c = 0, s = 1, t = 0, eta = eta_init, log_ridge = lambda_init, so the untrained
+    network is exactly the identity on normalised rows (docs/method.md, "Hypernetwork").
+
+    eta_param "linear" learns eta itself (it may change sign, as published); "log" learns log eta (eta = e^{log eta}
+    stays positive), so that Adam, which moves every parameter by about its learning rate per step whatever its scale,
+    changes eta by a relative amount: eta ~ 1e-3 and log-ridge then train at a rate that fits their scale.
     """
 
     def __init__(self, d_in: int, d_out: int, n_layers: int, rank: int, n_blocks: int = 4,
                  relu_first: bool = True, eta_init: float = 1e-6, lambda_init: float = 0.0, std_floor: float = 0.0,
-                 generator: torch.Generator | None = None):
+                 eta_param: str = "linear", generator: torch.Generator | None = None):
         super().__init__()
         d = d_in + d_out
         self.d_in, self.d_out, self.n_layers, self.rank, self.relu_first = d_in, d_out, n_layers, rank, relu_first
@@ -54,12 +60,24 @@ class HyperNet(nn.Module):
         self.c = nn.ParameterList([nn.Parameter(torch.zeros(d)) for _ in range(n_blocks)])
         self.s = nn.ParameterList([nn.Parameter(torch.ones(n_layers, d)) for _ in range(n_blocks)])
         self.t = nn.ParameterList([nn.Parameter(torch.zeros(n_layers, d)) for _ in range(n_blocks)])
-        self.eta = nn.Parameter(torch.full((n_layers,), float(eta_init)))
+        if eta_param == "log":
+            if eta_init <= 0:
+                raise ValueError(f"eta_param 'log' needs eta_init > 0, got {eta_init}")
+            self.log_eta = nn.Parameter(torch.full((n_layers,), math.log(eta_init)))
+        elif eta_param == "linear":
+            self.eta = nn.Parameter(torch.full((n_layers,), float(eta_init)))
+        else:
+            raise ValueError(f"eta_param must be 'linear' or 'log', got {eta_param!r}")
+        self.eta_param = eta_param
         self.log_ridge = nn.Parameter(torch.full((n_layers,), float(lambda_init)))
 
+    def step_size(self) -> torch.Tensor:
+        """eta (n_layers,): the per-layer step sizes, differentiable in the learned parameter (eta or log eta)."""
+        return self.log_eta.exp() if self.eta_param == "log" else self.eta
+
     def scalar_parameters(self) -> list[nn.Parameter]:
-        """eta and log_ridge: the per-layer scalars (their learning rate may be scaled, METHOD.md 8.6)."""
-        return [self.eta, self.log_ridge]
+        """The learned step size (eta or log eta) and log_ridge: per-layer scalars whose learning rate may differ."""
+        return [self.log_eta if self.eta_param == "log" else self.eta, self.log_ridge]
 
     def forward(self, keys: torch.Tensor, value_grads: torch.Tensor, idx: torch.Tensor, *,
                 mean: torch.Tensor | None = None, std: torch.Tensor | None = None,

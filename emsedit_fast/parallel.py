@@ -1,7 +1,6 @@
 """Data-parallel meta-training over edit batches with torch.distributed (gloo on CPU, NCCL on GPUs).
 
-    torchrun --nproc-per-node 2 -m emsedit_fast.distributed --editor emsedit --mode batch --model tiny-llama \\
-        --n-edits 8 --n-batches 40 --output runs/dp        (any option of `python -m emsedit_fast.train`)
+The library behind `torchrun --nproc-per-node N -m emsedit_fast.distributed` (see that command for the flags).
 
 Every rank loads the same model and builds the same deterministic list of training batches (api.train); rank r trains
 on batches r, r + W, r + 2W, ... (W = world size; the list is cut to a multiple of W so every rank takes the same
@@ -23,7 +22,7 @@ number of optimiser steps). The global batch of one optimiser step is W local ed
   checks that a 2-process run matches it (to ~1e-6: the statistics agree exactly, parameters up to the last bits
   that BLAS kernels may round differently in different processes).
 * Regimes: batch mode (Algorithm 2) resets the model after every step and is exactly data parallel. In the sequential
-  regime (Algorithm 1) each rank edits its own model through its own batches (W independent lifelong streams whose
+  mode (Algorithm 1) each rank edits its own model through its own batches (W independent lifelong streams whose
   gradients are averaged): a valid data-parallel scheme, but not the same as one stream over all batches.
 * Refused batches (non-finite values): the refusing rank still takes part in the remaining collectives of that batch
   with zero weight, so no rank blocks and all ranks keep identical parameters; if every rank refused, the step is
@@ -36,20 +35,18 @@ number of optimiser steps). The global batch of one optimiser step is W local ed
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import logging
 import os
-import sys
 import time
 
 import torch
 import torch.distributed as dist
 
-from emsedit_fast.editors.base import EditRefused
+from emsedit_fast.editors import EditRefused
 from emsedit_fast.nn import RunningStats
-from emsedit_fast.training import MetaTrainer
+from emsedit_fast.trainer import MetaTrainer
 
 log = logging.getLogger("emsedit_fast.distributed")
 
@@ -210,7 +207,7 @@ class DataParallelTrainer(MetaTrainer):
         return super().train(shard(batches, self.sync.rank, self.sync.world_size), progress)
 
     def _idle_step(self) -> None:
-        """Take part in one synchronised optimiser step without contributing a gradient (batch regime)."""
+        """Take part in one synchronised optimiser step without contributing a gradient (batch mode)."""
         for p in self.editor.parameters():
             p.grad = torch.zeros_like(p)
         if self.sync(self.editor, weight=0.0) == 0:
@@ -269,20 +266,6 @@ def init_process_group(backend: str | None = None) -> tuple[int, int, int, str]:
     return dist.get_rank(), dist.get_world_size(), local_rank, backend
 
 
-def open_session(cfg, editor_device=None):
-    """api.open_session, with the editor's hypernetworks on `editor_device` (default: the model's device)."""
-    from emsedit_fast import api
-    from emsedit_fast.editors import build_editor
-
-    session = api.open_session(cfg)
-    if editor_device is not None:
-        device = api.resolve_device(str(editor_device))
-        if device != session.editor.device:
-            session.editor = build_editor(session.model, session.modules, cfg.editor, cfg.train.mode, seed=cfg.seed,
-                                          device=device)
-    return session
-
-
 def train_data_parallel(cfg, *, editor_device=None, resume: str | None = None, progress: bool | None = None,
                         backend: str | None = None):
     """Meta-train on this rank's shard (call in every process of a torchrun launch); rank 0 writes
@@ -296,13 +279,13 @@ def train_data_parallel(cfg, *, editor_device=None, resume: str | None = None, p
     if backend == "nccl":
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device=f"cuda:{local_rank}"))
         editor_device = editor_device if editor_device is not None else f"cuda:{local_rank}"
-    session = open_session(cfg, editor_device)
+    session = api.open_session(cfg, editor_device=editor_device)
     trainer = DataParallelTrainer(session.editor, cfg.train)
     if resume:
         load_editor_state(resume, session.editor, trainer)
     trainer.sync.broadcast_()
     start = time.perf_counter()
-    api.train(session, cfg, trainer=trainer, progress=progress if rank == 0 else False)
+    api.train(session, trainer=trainer, progress=progress if rank == 0 else False)
     seconds = time.perf_counter() - start
     losses = [None] * world
     digests = [None] * world
@@ -320,53 +303,3 @@ def train_data_parallel(cfg, *, editor_device=None, resume: str | None = None, p
         write_json(os.path.join(cfg.output, "results.json"), results)
     dist.barrier()
     return session, trainer, results
-
-
-def main(argv: list[str] | None = None) -> int:
-    from emsedit_fast.train import add_run_arguments
-    from emsedit_fast.train import resolve_config
-
-    parser = argparse.ArgumentParser(prog="torchrun --nproc-per-node N -m emsedit_fast.distributed",
-                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_arguments(parser)
-    parser.add_argument("--train-data", help="'bundled' or a records file")
-    parser.add_argument("--n-edits", type=int, help="edits per local batch (global batch: world size x this)")
-    parser.add_argument("--n-batches", type=int, help="training batches in total, over all ranks")
-    parser.add_argument("--output", help="run folder (rank 0 writes checkpoint/ and results.json)")
-    parser.add_argument("--resume", help="a checkpoint folder to resume from (loaded on every rank)")
-    parser.add_argument("--editor-device", help="device of the hypernetworks (default: the model's)")
-    parser.add_argument("--dist-backend", choices=["gloo", "nccl"], help="default: nccl with CUDA, else gloo")
-    args = parser.parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.DEBUG if args.verbose else (logging.INFO if rank == 0 else logging.WARNING),
-                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
-    cfg = resolve_config(args)
-    if args.output is None:
-        cfg = dataclasses.replace(cfg, output=os.path.join("runs", f"{cfg.editor.name}-{cfg.train.mode}-dp"))
-    try:
-        _, trainer, results = train_data_parallel(cfg, editor_device=args.editor_device, resume=args.resume,
-                                                  progress=False if args.no_progress else None,
-                                                  backend=args.dist_backend)
-        if rank == 0:
-            print(f"trained {results['optimizer_batches_per_rank']} steps x {results['world_size']} ranks "
-                  f"(global batch {results['global_batch_edits']} edits) in {results['seconds']:.1f} s; "
-                  f"checkpoint {results['checkpoint']}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
-
-
-def _exit_without_finalisation(code: int) -> None:
-    """Flush and leave with os._exit. After destroy_process_group, gloo's worker threads can still own tensors
-    whose destruction during interpreter finalisation needs the GIL; the process then aborts (SIGABRT, "terminate
-    called without an active exception") although every result is already written, and torchrun reports the run as
-    failed. Nothing is left to finalise at this point: the checkpoint and results.json are closed files."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-if __name__ == "__main__":
-    _exit_without_finalisation(main())

@@ -1,8 +1,16 @@
-"""python -m emsedit_fast.train: meta-train an editor, evaluate it on held-out edits, save a checkpoint.
+"""python -m emsedit_fast.train: meta-train an editor, score it on the evaluation split, save a checkpoint.
 
-With no arguments: EMSEdit (K = 2, sequential regime, step-specific hypernetworks) on SmolLM2-135M-Instruct, trained
-on the package's bundled counterfactual facts and evaluated on held-out subjects against the unedited model and
-against the same editor at K = 1. Prints a results table, writes results.json, results.md and a checkpoint.
+    python -m emsedit_fast.train                                    # the main job (bundled facts, see below)
+    python -m emsedit_fast.train --train-data ../shared/data/zsre/zsre-train-800.json --n-edits 10
+    python -m emsedit_fast.train --train-data ../shared/data/counterfact/counterfact-train.json \\
+        --eval-data ../shared/data/counterfact/counterfact-val.json --n-edits 20
+
+The defaults for a dataset (profile, budget, protocol) come from emsedit_fast.profiles, chosen on the validation
+split carved from the training data; the evaluation split is only reported. With no argument, the main job trains
+EMSEdit (K = 2, sequential) on SmolLM2-135M-Instruct with the package's bundled facts and, at the same budget,
+EMSEdit trained at K = 1, MALMEN and RLEdit (--baselines), and prints one table on the held-out subjects: the unedited
+model, the untrained editor, then every trained editor. Writes results.json, results.md, a learning-curve plot
+(--eval-every) and the checkpoint of the first editor under --output.
 """
 
 from __future__ import annotations
@@ -14,141 +22,117 @@ import sys
 import time
 
 from emsedit_fast.cli import run_command
-from emsedit_fast.config import SMALL_MODEL_PROFILE
-from emsedit_fast.config import RunConfig
-from emsedit_fast.config import load
+from emsedit_fast.config import add_run_arguments
 
 log = logging.getLogger("emsedit_fast.train")
 
-# The defaults of the main job: a budget that fits in a few minutes on 2 CPU cores (METHOD.md 14.4 small profile).
-MAIN_JOB = {
-    **SMALL_MODEL_PROFILE,
-    "model": {"name": "smollm2-135m"},
-    "train": {**SMALL_MODEL_PROFILE["train"], "n_batches": 40},
-    "data": {"n_edits": 8, "eval_batches": 5},
-}
 
-
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by train, edit and evaluate: what to load and how."""
-    parser.add_argument("--editor", default="emsedit", choices=["emsedit", "malmen", "rledit", "mend"])
-    parser.add_argument("--mode", choices=["sequential", "batch"], help="regime (default: the editor's own)")
-    parser.add_argument("--steps", type=int, help="K, MSBP steps per edit batch (editor.n_steps)")
-    parser.add_argument("--model", help="smollm2-135m | tiny-llama | tiny-gpt2 | a local Hugging Face model folder")
-    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--backend", choices=["auto", "fast", "reference", "cpp", "triton"])
-    parser.add_argument("--config", action="append", default=[], help="YAML file(s) merged over the preset")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any config key, e.g. --set editor.rank=128 (repeatable)")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
-
-
-def resolve_config(args: argparse.Namespace, defaults: dict | None = None) -> RunConfig:
-    """Preset -> main-job defaults -> --config files -> explicit flags -> --set overrides."""
-    flags = {"editor": {}, "model": {}, "train": {}, "data": {}}
-    if args.steps is not None:
-        flags["editor"]["n_steps"] = args.steps
-    if args.backend:
-        flags["editor"]["backend"] = args.backend
-    for key in ("model", "device", "dtype"):
-        value = getattr(args, key, None)
-        if value:
-            flags["model"]["name" if key == "model" else key] = value
-    for key, section, name in (("n_edits", "data", "n_edits"), ("n_batches", "train", "n_batches"),
-                               ("eval_batches", "data", "eval_batches"), ("train_data", "data", "train"),
-                               ("eval_data", "data", "eval"), ("output", None, "output")):
-        value = getattr(args, key, None)
-        if value is not None:
-            (flags if section is None else flags[section])[name] = value
-    if getattr(args, "seed", None) is not None:
-        flags["seed"] = args.seed
-    return load(args.editor, mode=args.mode, files=args.config, overrides=args.set, extra=flags, defaults=defaults)
-
-
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m emsedit_fast.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser)
     parser.add_argument("--train-data", help="'bundled' or a records file (CounterFact, zsRE, JSONL facts)")
-    parser.add_argument("--eval-data", help="'bundled' or a records file")
+    parser.add_argument("--eval-data", help="'bundled' or a records file (default: the dataset's evaluation part)")
     parser.add_argument("--n-edits", type=int, help="edits per batch")
-    parser.add_argument("--n-batches", type=int, help="training batches (sequential) or steps (batch)")
+    parser.add_argument("--n-batches", type=int, help="training batches (sequential) or steps (batch); --epochs wins")
+    parser.add_argument("--epochs", type=float, help="passes over the training split")
+    parser.add_argument("--eval-every", type=float,
+                        help="validate every N batches (N >= 1) or fraction of training (< 1): the learning curve")
     parser.add_argument("--eval-batches", type=int, help="T evaluation batches (sequential protocol)")
+    parser.add_argument("--eval-slices", type=int, help="disjoint protocol slices to average the scores over")
+    parser.add_argument("--baselines", help="also train these at the same budget, e.g. emsedit1,malmen,rledit "
+                                            "(default: those three for the bundled main job, none otherwise)")
     parser.add_argument("--output", help="run folder (checkpoint, results); default runs/<editor>-<mode>")
     parser.add_argument("--resume", help="a checkpoint folder to resume training from")
     parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N training batches")
-    parser.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
-    args = parser.parse_args(argv)
-    return run_command(args, _run)
+    parser.add_argument("--no-eval", action="store_true", help="skip the evaluation on the evaluation split")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser().parse_args(argv), _run)
 
 
 def _run(args) -> int:
+    import dataclasses
+
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from emsedit_fast import api
+    from emsedit_fast.callbacks import Callback
     from emsedit_fast.checkpoint import load_editor_state
     from emsedit_fast.checkpoint import save_checkpoint
+    from emsedit_fast.comparison import parse_methods
+    from emsedit_fast.profiles import resolve_run
+    from emsedit_fast.report import plot_learning_curve
     from emsedit_fast.report import results_table
     from emsedit_fast.report import write_json
-    from emsedit_fast.training import MetaTrainer
+    from emsedit_fast.trainer import MetaTrainer
 
-    cfg = resolve_config(args, MAIN_JOB)
+    cfg, plan = resolve_run(args)
     if args.output is None:
-        import dataclasses
-
-        cfg = dataclasses.replace(cfg, output=os.path.join("runs", f"{cfg.editor.name}-{cfg.train.mode}"))
+        cfg = dataclasses.replace(cfg, output=os.path.join("runs", f"{cfg.editor.name}-{cfg.mode}"))
     progress = False if args.no_progress else None
     os.makedirs(cfg.output, exist_ok=True)
+    baselines = parse_methods(args.baselines if args.baselines is not None else plan.baselines)
     with logging_redirect_tqdm():
         start = time.perf_counter()
         session = api.open_session(cfg)
-        log.info("model %s on %s; editing %d modules in %d shape group(s); editor %s (%s, K=%d)", cfg.model.name,
-                 session.device, len(session.modules), len(session.editor.groups), cfg.editor.name, cfg.train.mode,
-                 cfg.editor.n_steps)
+        log.info("model %s on %s; editing %d modules in %d shape group(s); editor %s (%s, K=%d); profile %s",
+                 cfg.model.name, session.device, len(session.modules), len(session.editor.groups), cfg.editor.name,
+                 cfg.mode, cfg.editor.n_steps, plan.name)
+        train_records = api.load_split(session, "train")
+        eval_records = api.load_split(session, "eval") if not args.no_eval else []
+        n_edits, t, slices = cfg.data.n_edits, cfg.data.eval_batches, plan.eval_slices
+        pre = None
+        rows = []
+        if not args.no_eval:
+            slices = min(slices, max(1, len(eval_records) // ((t if cfg.mode == "sequential" else 1) * n_edits)))
+            rows.append(("unedited", api.evaluate_slices(session, eval_records, cfg.mode, n_edits, t, slices,
+                                                         edit=False, progress=progress)))
+            rows.append(("untrained", api.evaluate_slices(session, eval_records, cfg.mode, n_edits, t, slices,
+                                                          progress=progress)))
         trainer = MetaTrainer(session.editor, cfg.train)
         if args.resume:
             meta = load_editor_state(args.resume, session.editor, trainer)
             log.info("resumed from %s at training batch %d", args.resume, meta["training_step"])
-
-        callbacks = []
         if args.save_every:
-            from emsedit_fast.callbacks import Callback
-
             class Periodic(Callback):
                 def on_train_step(self, trainer_, metrics):
                     if metrics["step"] % args.save_every == 0:
                         save_checkpoint(os.path.join(cfg.output, "checkpoint"), session.editor, cfg, trainer_)
 
-            callbacks.append(Periodic())
-        trainer.callbacks.extend(callbacks)
-        api.train(session, cfg, trainer=trainer, progress=progress)
+            trainer.callbacks.append(Periodic())
+        api.train(session, train_records, trainer=trainer, progress=progress)
         ckpt = save_checkpoint(os.path.join(cfg.output, "checkpoint"), session.editor, cfg, trainer)
         log.info("meta-training: %d batches, %.1f s (%.3f s per edit), %d skipped; checkpoint %s",
                  trainer.report.steps, trainer.report.seconds, trainer.report.seconds_per_edit, trainer.report.skipped,
                  ckpt)
-        results = {"output": cfg.output, "train": {"batches": trainer.report.steps, "seconds": trainer.report.seconds,
-                                                    "seconds_per_edit": trainer.report.seconds_per_edit,
-                                                    "skipped": trainer.report.skipped,
-                                                    "final_loss": trainer.report.losses[-1]
-                                                    if trainer.report.losses else None}}
+        results = {"output": cfg.output, "profile": plan.name, "splits": plan.splits,
+                   "train": {"batches": trainer.report.steps, "seconds": trainer.report.seconds,
+                             "seconds_per_edit": trainer.report.seconds_per_edit, "skipped": trainer.report.skipped,
+                             "final_loss": trainer.report.losses[-1] if trainer.report.losses else None,
+                             "validation_curve": trainer.report.curve}}
+        if trainer.report.curve:
+            results["learning_curve_plot"] = plot_learning_curve(trainer.report.curve, cfg.output,
+                                                                 f"{cfg.editor.name} K={cfg.editor.n_steps}")
         if not args.no_eval:
-            records = api.load_split(cfg.data.eval, "eval", cfg)
-            mode, n_edits, t = cfg.train.mode, cfg.data.n_edits, cfg.data.eval_batches
-            rows = [("unedited", api.evaluate_protocol(session, records, mode, n_edits, t, edit=False,
-                                                      progress=progress))]
-            if cfg.editor.n_steps > 1:
-                rows.append((f"{cfg.editor.name} K=1", api.evaluate_protocol(session, records, mode, n_edits, t, 1,
-                                                                             progress=progress)))
-            rows.append((f"{cfg.editor.name} K={cfg.editor.n_steps}",
-                         api.evaluate_protocol(session, records, mode, n_edits, t, progress=progress)))
-            for _, m in rows[1:]:
-                m["train_seconds_per_edit"] = trainer.report.seconds_per_edit
-            title = (f"{cfg.model.name}, {cfg.data.eval} eval split, {mode} {t if mode == 'sequential' else 1} x "
-                     f"{n_edits} edits, trained {trainer.report.steps} batches, seed {cfg.seed}, device "
-                     f"{session.device}")
+            trained = api.evaluate_slices(session, eval_records, cfg.mode, n_edits, t, slices, progress=progress)
+            trained["train_seconds_per_edit"] = trainer.report.seconds_per_edit
+            rows.append((f"{cfg.editor.name} K={cfg.editor.n_steps} (trained)", trained))
+            if baselines:
+                from emsedit_fast.comparison import compare_methods
+                from emsedit_fast.profiles import profile_defaults
+
+                more = compare_methods(cfg, baselines, train_records=train_records, eval_records=eval_records,
+                                       n_slices=slices, overrides=args.set, defaults=profile_defaults(plan),
+                                       model=session.model, tokenizer=session.tokenizer, progress=progress)
+                rows += [r for r in more if r[0] not in ("unedited",) and not r[0].endswith("untrained")]
+            per = (t if cfg.mode == "sequential" else 1) * n_edits
+            title = (f"{cfg.model.name}, {plan.eval_label} ({slices} slice(s) of {per} records; "
+                     f"{cfg.mode} {t if cfg.mode == 'sequential' else 1} x {n_edits} edits), every editor "
+                     f"trained on {plan.train_label} for {trainer.report.steps} batches, profile {plan.name} "
+                     f"(chosen on {plan.valid_label}), seed {cfg.seed}, device {session.device}")
             table = results_table(rows, title)
             print("\n" + table + "\n")
             results["eval"] = {name: m for name, m in rows}

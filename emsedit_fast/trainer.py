@@ -1,4 +1,4 @@
-"""Meta-training of hypernetwork editors: sequential (Algorithm 1) and batch (Algorithm 2) regimes.
+"""Meta-training of hypernetwork editors: sequential (Algorithm 1) and batch (Algorithm 2) modes.
 
 Sequential, per training batch E_t (the model is never reset between batches):
     for k = 1..K:  capture on the current W; predict with phi_k; apply dW_k permanently
@@ -9,7 +9,7 @@ Batch, per training step (one batch):
     for k = 1..K:  capture; predict with the shared phi; apply; L; G; revert dW_k (reset, the published default) or
                    keep it (chain); push G into phi; clip; Adam step        ("step-wise updating")
     restore W0
-METHOD.md sections 8, 9, 11, 12.
+(docs/method.md, "Meta-gradient", "Training losses", "MSBP and the two modes").
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ import torch
 from emsedit_fast import ops
 from emsedit_fast.callbacks import Callback
 from emsedit_fast.config import TrainConfig
-from emsedit_fast.editors.base import Editor
-from emsedit_fast.editors.base import EditRefused
-from emsedit_fast.editors.base import WeightGrad
+from emsedit_fast.editors import Editor
+from emsedit_fast.editors import EditRefused
+from emsedit_fast.editors import WeightGrad
+from emsedit_fast.editors.editor import drift_sq_norm
 from emsedit_fast.losses import answer_ce
 from emsedit_fast.losses import answer_kl
 from emsedit_fast.models.hooks import FactoredGrads
@@ -44,6 +45,7 @@ class TrainReport:
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     edits: int = 0
+    curve: list[dict] = field(default_factory=list)  # validation points during training (api.train, eval_every)
 
     @property
     def seconds_per_edit(self) -> float:
@@ -51,8 +53,8 @@ class TrainReport:
 
 
 def build_optimizer(editor: Editor, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam (0.9, 0.999, eps 1e-8, no weight decay) over every editor parameter; eta and log-ridge at
-    meta_lr * scalar_lr_scale (METHOD.md 8.6)."""
+    """Adam (0.9, 0.999, eps 1e-8, no weight decay) over every editor parameter; the per-layer step size (eta or
+    log eta) and log-ridge at meta_lr * scalar_lr_scale."""
     scalars = {id(p) for net_list in editor.nets for net in net_list for p in net.scalar_parameters()}
     main = [p for p in editor.parameters() if id(p) not in scalars]
     small = [p for p in editor.parameters() if id(p) in scalars]
@@ -96,10 +98,14 @@ class MetaTrainer:
                 if self.cfg.kl_reference == "original":
                     ops.restore_(self.editor.weights(), current, backend=self.editor.backend)
 
-    def weight_grads(self, terms: list[tuple[float, object, torch.Tensor | None]]
+    def weight_grads(self, terms: list[tuple[float, object, torch.Tensor | None]], drift_steps: list | None = None
                      ) -> tuple[float, dict[str, WeightGrad]]:
         """dL/dW for every edited module, factored, for L = sum_terms w (edit_coef CE(equiv) + loc_coef KL(unrel))
-        + reg_coef sum_l ||W_l - W_l^0||^2 (loss 'l2'). terms: (weight, tuples, reference logits or None)."""
+        + reg_coef sum_l ||W_l - W_l^0||^2 (loss 'l2'). terms: (weight, tuples, reference logits or None).
+
+        drift_steps: the StepRecords applied since W0 when the drift W - W0 is exactly their sum (batch mode); the
+        drift term then stays factored. None: the drift has accumulated over many edits (sequential mode) and is
+        streamed from W and W0 in row blocks."""
         cfg, editor = self.cfg, self.editor
         modules = editor.modules_
         parts: list[FactoredGrads] = []
@@ -120,20 +126,31 @@ class MetaTrainer:
                 parts.append(factored_weight_grads(editor.model, modules, unrel.input_ids, unrel.attention_mask, kl))
         merged = FactoredGrads.merge(parts)
         loss = merged.loss
+        coef = cfg.reg_coef if cfg.loss == "l2" else 0.0
+        factors: dict[str, list] = {}
+        if coef and drift_steps is not None:
+            for rec in drift_steps:
+                for gs in rec.groups:
+                    for i, name in enumerate(gs.update.names):
+                        factors.setdefault(name, []).append(gs.update.layer_delta(i))
         grads = {}
+        to = editor.device  # the model may sit on another device than the hypernetworks
         for m, w0 in zip(modules, editor.base):
-            extra = None
-            if cfg.loss == "l2" and cfg.reg_coef:
-                drift = m.weight.detach().float() - w0.float()  # storage layout
-                loss += cfg.reg_coef * float((drift * drift).sum())
-                extra = 2 * cfg.reg_coef * (drift.t() if m.transposed else drift)  # linear orientation
-            to = editor.device  # the model may sit on another device than the hypernetworks
-            grads[m.name] = WeightGrad(merged.inputs[m.name].float().to(to), merged.output_grads[m.name].float().to(to),
-                                       None if extra is None else extra.to(to))
+            wg = WeightGrad(merged.inputs[m.name].float().to(to), merged.output_grads[m.name].float().to(to),
+                            d_out=m.d_out)
+            if coef:
+                wg.drift_coef = coef
+                if drift_steps is not None:  # W - W0 = sum_i M_i^T K_i exactly (up to the weights' rounding)
+                    wg.drift_factors = [(b.t(), a) for b, a in factors.get(m.name, [])]
+                    loss += coef * sum(_lowrank_sq_norm(b, a) for b, a in factors.get(m.name, []))
+                else:
+                    wg.drift_weights = (m.weight.detach(), w0, m.transposed)
+                    loss += coef * drift_sq_norm(m.weight.detach(), w0)
+            grads[m.name] = wg
         return loss, grads
 
     # ---------------------------------------------------------------------------------------------------------------
-    # the two regimes
+    # the two modes
 
     def _apply_steps(self, tuples, steps: range) -> list:
         records = []
@@ -167,16 +184,16 @@ class MetaTrainer:
         recent = self.recent
         start = time.perf_counter()
         todo = batches[self.step:]
-        bar = tqdm(todo, desc=f"meta-train {editor.cfg.name} ({editor.regime}, K={editor.cfg.n_steps})",
+        bar = tqdm(todo, desc=f"meta-train {editor.cfg.name} ({editor.mode}, K={editor.cfg.n_steps})",
                    disable=(not progress) if progress is not None else None, unit="batch")
         for tuples in bar:
             n_edits = len(tuples.records)
             ref = self._reference_logits(tuples.unrel) if needs_ref else None
             # once_at_end accumulates over batches: a refused batch must not wipe (or poison) what came before
             kept = ({p: p.grad.clone() for p in editor.parameters() if p.grad is not None}
-                    if editor.regime == "sequential" and cfg.seq_optimizer_step == "once_at_end" else {})
+                    if editor.mode == "sequential" and cfg.seq_optimizer_step == "once_at_end" else {})
             try:
-                if editor.regime == "sequential":
+                if editor.mode == "sequential":
                     loss = self._sequential_batch(tuples, ref, recent)
                 else:
                     loss = self._batch_step(tuples, ref)
@@ -186,7 +203,7 @@ class MetaTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 for p, g in kept.items():
                     p.grad = g
-                if editor.regime == "batch":
+                if editor.mode == "batch":
                     editor.reset()
                 loss = float("nan")
             self.step += 1
@@ -196,7 +213,7 @@ class MetaTrainer:
             bar.set_postfix(loss=f"{loss:.4f}", skipped=self.report.skipped)
             for cb in self.callbacks:
                 cb.on_train_step(self, {"step": self.step, "loss": loss, "skipped": self.report.skipped})
-        if editor.regime == "sequential" and cfg.seq_optimizer_step == "once_at_end" and todo:
+        if editor.mode == "sequential" and cfg.seq_optimizer_step == "once_at_end" and todo:
             self.optimizer.step()  # the published schedule: gradients of all batches, one Adam step
             self.optimizer.zero_grad(set_to_none=True)
         editor.reset()
@@ -209,13 +226,13 @@ class MetaTrainer:
         # loss of the batches after it).
         editor = self.editor
         weights = ops.snapshot(editor.weights())
-        stats = {k: v.clone() for k, v in editor.state_dict().items() if k.endswith(("count", "mean", "var", "std"))}
+        stats = editor.normaliser_state()
         kept = list(recent)
         try:
             return self._sequential_batch_steps(tuples, ref, recent)
         except EditRefused:
             ops.restore_(editor.weights(), weights, backend=editor.backend)
-            editor.load_state_dict(stats, strict=False)
+            editor.load_normaliser_state(stats)
             recent.clear()
             recent.extend(kept)
             raise
@@ -243,13 +260,17 @@ class MetaTrainer:
     def _batch_step(self, tuples, ref) -> float:
         cfg, editor = self.cfg, self.editor
         total = 0.0
+        applied = []
         for k in range(editor.cfg.n_steps):
-            before = ops.snapshot(editor.weights()) if cfg.batch_step_chaining == "reset" else None
             records = self._apply_steps(tuples, range(k, k + 1))
-            loss, grads = self.weight_grads([(1.0, tuples, ref)])
-            if before is not None:
-                # exact revert (the published code subtracts the update again: not exact in low precision)
-                ops.restore_(editor.weights(), before, backend=editor.backend)
+            # W - W0 is this step's update (reset) or the steps of this batch so far (chain): factored either way
+            applied.extend(records)
+            loss, grads = self.weight_grads([(1.0, tuples, ref)],
+                                            records if cfg.batch_step_chaining == "reset" else applied)
+            if cfg.batch_step_chaining == "reset":
+                # every step starts from W0 in this chaining, so the exact revert is a copy of W0 (the published code
+                # subtracts the update again: not exact in low precision)
+                ops.restore_(editor.weights(), editor.base, backend=editor.backend)
             if not math.isfinite(loss):
                 raise EditRefused(f"non-finite meta-loss {loss} at step {k + 1}")
             editor.meta_backward(records, grads)
@@ -265,7 +286,7 @@ class MetaTrainer:
 
     def state_dict(self) -> dict:
         """Everything a resumed run needs to end exactly where an uninterrupted one would: optimiser, step, report,
-        and in the sequential regime the current (edited) weights and the recent batches with their reference
+        and in the sequential mode the current (edited) weights and the recent batches with their reference
         logits (kept only at the answer positions the KL loss reads, when kl_positions = answer)."""
         recent = []
         for tuples, ref in self.recent:
@@ -274,11 +295,11 @@ class MetaTrainer:
             elif ref is not None:
                 ref = ("all", ref.cpu(), tuple(ref.shape))
             recent.append((tuples, ref))
-        sequential = self.editor.regime == "sequential"
+        sequential = self.editor.mode == "sequential"
         return {"optimizer": self.optimizer.state_dict(), "step": self.step,
                 "report": {"steps": self.report.steps, "skipped": self.report.skipped,
                            "losses": list(self.report.losses), "seconds": self.report.seconds,
-                           "edits": self.report.edits},
+                           "edits": self.report.edits, "curve": list(self.report.curve)},
                 "weights": [w.cpu().clone() for w in self.editor.weights()] if sequential and self.step else None,
                 "recent": recent}
 
@@ -299,3 +320,8 @@ class MetaTrainer:
                     values = full
                 ref = values.to(tuples.unrel.labels.device)
             self.recent.append((tuples, ref))
+
+
+def _lowrank_sq_norm(b: torch.Tensor, a: torch.Tensor) -> float:
+    """||B A||_F^2 for B (d_out, n), A (n, d_in) via the n x n Gram matrices."""
+    return float(((b.t() @ b) * (a @ a.t())).sum().clamp_min(0))

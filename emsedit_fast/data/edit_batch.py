@@ -58,3 +58,20 @@ def tokenize_batch(tokenizer, records: Sequence[EditRecord], micro_batch: int = 
     equiv = view("equiv") if need_equiv else None
     unrel = view("unrel") if need_unrel else None
     return EditBatch(records, edit, equiv, unrel)
+
+
+def make_batches(tokenizer, records: Sequence[EditRecord], n_edits: int, n_batches: int | None, micro_batch: int = 4,
+                 max_length: int = 128, device: torch.device | str = "cpu", need_equiv: bool = True,
+                 need_unrel: bool = False, *, shuffle_seed: int | None = None) -> list[EditBatch]:
+    """n_batches tokenised batches of n_edits records without replacement (None: as many as fit; the last incomplete
+    batch is dropped); with shuffle_seed the records are permuted first (random.Random(seed)). Raises when the
+    protocol does not fit the records."""
+    import random
+
+    from emsedit_fast.data.splits import batches as cut
+
+    records = list(records)
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(records)
+    return [tokenize_batch(tokenizer, group, micro_batch, max_length, device, need_equiv, need_unrel)
+            for group in cut(records, n_edits, n_batches)]

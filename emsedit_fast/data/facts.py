@@ -11,9 +11,10 @@ official languages, transcontinental countries). Together they give 437 true fac
 - target_new o': another object of the same relation, drawn uniformly from the relation's other values; ground_truth o.
 - prompt: one of the relation's templates; rephrase_prompts: the other templates (3 per relation). The edit prompt
   contains the subject verbatim (templates that would capitalise "the Netherlands" are not used for it).
-- locality (neighbourhood) prompts: up to `n_neighbours` other subjects of the same relation *in the same split*,
-  preferring those whose true object is o (as CounterFact does), never one whose object is o'; the answers are their
-  true objects, which must not change.
+- locality (neighbourhood) prompts: up to `n_neighbours` subjects of the same relation from the *neighbour-only*
+  pool, preferring those whose true object is o (as CounterFact does), never one whose object is o'; the answers are
+  their true objects, which must not change. Neighbour-only subjects are never edited by any split, so no locality
+  prompt is the edit or paraphrase prompt of a record that some protocol edits.
 - portability (two-hop) prompts compose the edited fact with one unedited fact of the tables. The answer is the one
   the tables give once the edit has replaced o by o'; probes whose answer would be the same without the edit are left
   out, because they cannot tell an edited model from an unedited one:
@@ -25,8 +26,11 @@ official languages, transcontinental countries). Together they give 437 true fac
       that of the true author.
 - generation_prompts: one free-generation prompt per record (fluency).
 
-The split is by subject group: a country together with its cities, and an author together with their books, go
-wholly to train or to eval, so no subject (and no neighbourhood or two-hop subject) appears in both splits.
+Neighbour-only subjects: a share of the countries (with their cities) and of the authors (with their books), plus one
+city of every other country that has several and one book of every other author who has several (so that edited
+cities and books have neighbours with the same true object). The remaining facts are split by subject group: a
+country together with its remaining cities, and an author together with their remaining books, go wholly to train,
+valid or eval, so no subject (and no two-hop subject) appears in two splits.
 Everything is deterministic for a seed: the split uses random.Random(seed), and each record its own
 random.Random(f"{seed}/{case_id}"), so a record does not change when other records are added.
 """
@@ -136,10 +140,13 @@ class FactTables:
 
 @dataclass(frozen=True)
 class FactSplit:
-    """Subject-disjoint train and eval records from `make_counterfacts`."""
+    """Subject-disjoint train, valid and eval records from `make_counterfacts`, and the neighbour-only facts their
+    locality prompts are drawn from."""
 
     train: list[EditRecord]
+    valid: list[EditRecord]
     eval: list[EditRecord]
+    neighbours: tuple[Fact, ...]
     seed: int
 
 
@@ -230,7 +237,7 @@ def _make_record(fact: Fact, seed: int, objects: dict[str, list[str]], pool: dic
     edit_template = verbatim[0]
     rephrases = [fill(tpl, fact.subject) for tpl in templates if tpl != edit_template]
 
-    others = [f for f in pool[fact.relation] if f.subject != fact.subject and f.object != new]
+    others = [f for f in pool.get(fact.relation, []) if f.subject != fact.subject and f.object != new]
     rng.shuffle(others)
     # Stable sort: subjects sharing the true object first (CounterFact neighbourhood), then the rest of the relation.
     others.sort(key=lambda f: f.object != fact.object)
@@ -262,37 +269,74 @@ def _group_of(fact: Fact, t: FactTables) -> str:
     return f"author/{fact.object}"
 
 
-def make_counterfacts(seed: int = 0, eval_fraction: float = 0.25, n_neighbours: int = 3,
-                      max_portability: int = 3) -> FactSplit:
-    """Counterfactual edit records over the bundled facts, split into train and eval by subject group.
+def _neighbour_only(facts: list[Fact], t: FactTables, rng: random.Random, fraction: float) -> set[tuple[str, str]]:
+    """(relation, subject) of the facts no split edits (module docstring): whole groups, plus one city / book of every
+    other group with several."""
+    groups: dict[str, list[Fact]] = {}
+    for f in facts:
+        groups.setdefault(_group_of(f, t), []).append(f)
+    reserved: set[tuple[str, str]] = set()
+    for kind in ("country", "author"):
+        names = sorted(g for g in groups if g.startswith(kind + "/"))
+        rng.shuffle(names)
+        whole = set(names[:max(1, round(fraction * len(names)))] if fraction > 0 else [])
+        for g in sorted(groups):
+            if not g.startswith(kind + "/"):
+                continue
+            members = groups[g]
+            if g in whole:
+                reserved.update((f.relation, f.subject) for f in members)
+                continue
+            leaves = sorted(f.subject for f in members if f.relation in ("city_country", "author"))
+            if len(leaves) >= 2:  # keep one city / book of this country / author as a same-object neighbour
+                relation = "city_country" if kind == "country" else "author"
+                reserved.add((relation, rng.choice(leaves)))
+    return reserved
 
-    seed: drives the split, the new objects, the template order and the neighbours. eval_fraction: share of the
-    country groups and of the author groups held out (rounded, at least one of each when > 0). n_neighbours: locality
-    prompts per record. max_portability: two-hop probes per record. Records are in table order within each split.
+
+def make_counterfacts(seed: int = 0, eval_fraction: float = 0.2, valid_fraction: float = 0.15,
+                      neighbour_fraction: float = 0.15, n_neighbours: int = 3, max_portability: int = 3) -> FactSplit:
+    """Counterfactual edit records over the bundled facts: train, valid and eval by subject group, with locality
+    prompts from a neighbour-only pool that no split edits (module docstring).
+
+    seed: drives the pool, the split, the new objects, the template order and the neighbours. eval_fraction,
+    valid_fraction: shares of the editable country groups and of the author groups held out (rounded, at least one of
+    each when > 0). neighbour_fraction: share of the country and author groups that are neighbour-only as a whole.
+    n_neighbours: locality prompts per record. max_portability: two-hop probes per record. Records are in table order
+    within each split.
     """
-    if not 0.0 <= eval_fraction < 1.0:
-        raise ValueError(f"make_counterfacts: eval_fraction must lie in [0, 1), got {eval_fraction}")
+    for name, value in (("eval_fraction", eval_fraction), ("valid_fraction", valid_fraction),
+                        ("neighbour_fraction", neighbour_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"make_counterfacts: {name} must lie in [0, 1), got {value}")
+    if eval_fraction + valid_fraction >= 1.0:
+        raise ValueError(f"make_counterfacts: eval_fraction + valid_fraction must be < 1, got "
+                         f"{eval_fraction} + {valid_fraction}")
     t = load_tables()
     facts = true_facts()
     objects = _relation_objects(facts)
     rng = random.Random(seed)
-    held_out: set[str] = set()
+    reserved = _neighbour_only(facts, t, rng, neighbour_fraction)
+    pool: dict[str, list[Fact]] = {}
+    for f in facts:
+        if (f.relation, f.subject) in reserved:
+            pool.setdefault(f.relation, []).append(f)
+    editable = [f for f in facts if (f.relation, f.subject) not in reserved]
+    which: dict[str, str] = {}
     for kind in ("country", "author"):
-        groups = sorted({g for g in (_group_of(f, t) for f in facts) if g.startswith(kind + "/")})
+        groups = sorted({g for g in (_group_of(f, t) for f in editable) if g.startswith(kind + "/")})
         rng.shuffle(groups)
         n_eval = max(1, round(eval_fraction * len(groups))) if eval_fraction > 0 else 0
-        held_out.update(groups[:n_eval])
-    splits: dict[bool, list[Fact]] = {False: [], True: []}
-    for f in facts:
-        splits[_group_of(f, t) in held_out].append(f)
-    out: dict[bool, list[EditRecord]] = {}
-    for is_eval, split_facts in splits.items():
-        pool: dict[str, list[Fact]] = {}
-        for f in split_facts:
-            pool.setdefault(f.relation, []).append(f)
-        out[is_eval] = [_make_record(f, seed, objects, pool, t, n_neighbours, max_portability) for f in split_facts]
-    logger.info("bundled facts (seed %d): %d train and %d eval records", seed, len(out[False]), len(out[True]))
-    return FactSplit(train=out[False], eval=out[True], seed=seed)
+        n_valid = max(1, round(valid_fraction * len(groups))) if valid_fraction > 0 else 0
+        for i, g in enumerate(groups):
+            which[g] = "eval" if i < n_eval else "valid" if i < n_eval + n_valid else "train"
+    out: dict[str, list[EditRecord]] = {"train": [], "valid": [], "eval": []}
+    for f in editable:
+        out[which[_group_of(f, t)]].append(_make_record(f, seed, objects, pool, t, n_neighbours, max_portability))
+    logger.info("bundled facts (seed %d): %d train, %d valid and %d eval records; %d neighbour-only facts", seed,
+                len(out["train"]), len(out["valid"]), len(out["eval"]), sum(len(v) for v in pool.values()))
+    return FactSplit(train=out["train"], valid=out["valid"], eval=out["eval"],
+                     neighbours=tuple(f for f in facts if (f.relation, f.subject) in reserved), seed=seed)
 
 
 @functools.lru_cache(maxsize=8)
@@ -301,8 +345,7 @@ def _cached(seed: int) -> FactSplit:
 
 
 def bundled_facts(split: str = "train", seed: int = 0) -> list[EditRecord]:
-    """The bundled counterfactual records of one split ("train" or "eval") with default settings."""
-    if split not in ("train", "eval"):
-        raise ValueError(f"bundled_facts: split must be 'train' or 'eval', got {split!r}")
-    result = _cached(seed)
-    return list(result.train if split == "train" else result.eval)
+    """The bundled counterfactual records of one split ("train", "valid" or "eval") with default settings."""
+    if split not in ("train", "valid", "eval"):
+        raise ValueError(f"bundled_facts: split must be 'train', 'valid' or 'eval', got {split!r}")
+    return list(getattr(_cached(seed), split))

@@ -1,26 +1,34 @@
-"""Editors: one method per file on one engine (editors/base.py). EDITORS maps a config name to its class."""
+"""Editors: one engine (editors/editor.py) configured per method.
+
+A method is its preset, emsedit_fast/configs/editor/<name>.yaml, and nothing else: the aggregation (ridge least
+squares or MEND's outer-product sum), the hypernetwork shape, K, the mode and the training loss. The table:
+
+    method   aggregation  blocks  K  mode      training loss
+    mend     outer        2       1  batch       KL locality (MEND's affine-then-ReLU block order)
+    malmen   ridge        4       1  batch       KL locality            (K = 2: MALMEN^2, the MSBP plug-in)
+    rledit   ridge        4       1  sequential  time-decayed multi-batch loss (K = 2: RLEdit^2)
+    emsedit  ridge        4       2  sequential  l2 drift penalty c ||W - W0||^2 (or KL, train.loss=kl)
+
+See docs/method.md, "Editors".
+"""
 
 from __future__ import annotations
 
 from emsedit_fast.config import EditorConfig
-from emsedit_fast.editors.base import AppliedEdit
-from emsedit_fast.editors.base import Editor
-from emsedit_fast.editors.base import EditRefused
-from emsedit_fast.editors.emsedit import EMSEdit
-from emsedit_fast.editors.malmen import MALMEN
-from emsedit_fast.editors.mend import MEND
-from emsedit_fast.editors.rledit import RLEdit
+from emsedit_fast.editors.editor import Editor
+from emsedit_fast.editors.editor import EditRefused
+from emsedit_fast.editors.editor import GroupStep
+from emsedit_fast.editors.editor import StepRecord
+from emsedit_fast.editors.editor import WeightGrad
+from emsedit_fast.updates import AppliedEdit
 
-EDITORS: dict[str, type[Editor]] = {"mend": MEND, "malmen": MALMEN, "rledit": RLEdit, "emsedit": EMSEdit}
-
-
-def build_editor(model, modules, cfg: EditorConfig, regime: str, *, seed: int = 0, device=None) -> Editor:
-    """The editor class named by cfg.name, checked against the method's aggregation."""
-    cls = EDITORS[cfg.name]
-    if cfg.aggregation != cls.aggregation:
-        raise ValueError(f"editor {cfg.name!r} aggregates by {cls.aggregation!r}, but editor.aggregation is "
-                         f"{cfg.aggregation!r}")
-    return cls(model, modules, cfg, regime, seed=seed, device=device)
+METHODS = ("mend", "malmen", "rledit", "emsedit")
 
 
-__all__ = ["EDITORS", "AppliedEdit", "EMSEdit", "EditRefused", "Editor", "MALMEN", "MEND", "RLEdit", "build_editor"]
+def build_editor(model, modules, cfg: EditorConfig, mode: str, *, seed: int = 0, device=None) -> Editor:
+    """The editor for `modules` of `model` as configured (method, hypernetwork shape, K) in `mode`."""
+    return Editor(model, modules, cfg, mode, seed=seed, device=device)
+
+
+__all__ = ["METHODS", "AppliedEdit", "Editor", "EditRefused", "GroupStep", "StepRecord", "WeightGrad",
+           "build_editor"]

@@ -354,3 +354,39 @@ def factored_weight_grads(model: nn.Module, modules: Sequence[EditedModule], inp
     inputs, grads, loss, _, n = _tapped_backward(model, modules, input_ids, attention_mask, positions, loss_fn, dtype,
                                                  device, False)
     return FactoredGrads(inputs=inputs, output_grads=grads, loss=loss, n_rows=n)
+
+
+@torch.no_grad()
+def key_second_moments(model: nn.Module, modules: Sequence[EditedModule], batches, *,
+                       max_tokens: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
+    """Sigma_l = (1/N) sum_t x_t x_t^T (d_in, d_in) fp32 over the inputs x_t of every edited module at all N non-pad
+    positions of `batches` (objects with input_ids (B, T) and attention_mask (B, T)), accumulated in fp64.
+
+    These are the statistics of the key prior (docs/method.md, "Ridge least squares"): the directions ordinary
+    inputs occupy. max_tokens stops after about that many tokens. Returns ({module name: Sigma_l}, N).
+    """
+    _check_modules(model, modules)
+    sums = {m.name: torch.zeros(m.d_in, m.d_in, dtype=torch.float64, device=m.weight.device) for m in modules}
+    seen: dict[str, torch.Tensor] = {}
+    handles = [m.module.register_forward_hook(
+        lambda mod, args, out, name=m.name: seen.__setitem__(name, args[0])) for m in modules]
+    tokens = 0
+    try:
+        for batch in batches:
+            kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+            if getattr(getattr(model, "config", None), "use_cache", None) is not None:
+                kwargs["use_cache"] = False
+            model(**kwargs)
+            mask = batch.attention_mask.bool()
+            for m in modules:
+                x = seen[m.name][mask.to(seen[m.name].device)].double()  # (N_b, d_in)
+                sums[m.name] += x.t() @ x
+            tokens += int(mask.sum())
+            if max_tokens is not None and tokens >= max_tokens:
+                break
+    finally:
+        for h in handles:
+            h.remove()
+    if tokens == 0:
+        raise ValueError("key_second_moments: the batches hold no tokens")
+    return {name: (s / tokens).float() for name, s in sums.items()}, tokens

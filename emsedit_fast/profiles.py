@@ -1,0 +1,101 @@
+"""Profiles: the defaults a run gets for its model scale and dataset, chosen on validation splits.
+
+`python -m emsedit_fast.train --train-data <file> --n-edits N` with no other flag trains with the profile of the
+dataset the file holds; the budget (epochs), the protocol (T x n, slices) and the editor settings are part of it. Every
+value here was chosen on the validation split carved from the training data (emsedit_fast.data.splits.load_split,
+split "valid"), never on the evaluation split; `python -m emsedit_fast.sweep` reproduces the choice and writes the
+trade-off table (see README, "How the defaults were chosen").
+
+Precedence: editor preset < profile < --config files < flags < --set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from dataclasses import field
+
+from emsedit_fast.config import RunConfig
+from emsedit_fast.config import config_from_args
+
+# SmolLM2-135M and models of that size (CPU or a small GPU). Rank 256 (step 2: 128); eta starts at 1e-3 rather than
+# the 7B-scale 1e-6 (with 1e-6 an untrained editor's edits round away on a 576-wide model).
+SMALL_MODEL_PROFILE = {"editor": {"rank": 256, "eta_init": 1e-3},
+                       "train": {"meta_lr": 1e-4, "scalar_lr_scale": 0.01, "reg_coef": 0.005}}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run's profile decides beyond the config: its name, the baselines the main job trains beside the
+    editor, how many protocol slices the scores average over, and how the splits are described in tables."""
+
+    name: str
+    defaults: dict = field(default_factory=dict)
+    baselines: str = ""
+    eval_slices: int = 1
+    train_label: str = "the training split"
+    valid_label: str = "the validation split"
+    eval_label: str = "the evaluation split"
+
+    @property
+    def splits(self) -> dict:
+        return {"train": self.train_label, "valid": self.valid_label, "eval": self.eval_label}
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+PLANS = {
+    # the main job: bundled facts, a few minutes on two CPU cores
+    "small-bundled": Plan("small-bundled", _merge(SMALL_MODEL_PROFILE, {
+        "model": {"name": "smollm2-135m"}, "train": {"n_batches": 40}, "data": {"n_edits": 8, "eval_batches": 5}}),
+        baselines="emsedit1,malmen,rledit", eval_slices=1,
+        train_label="bundled train subjects", valid_label="bundled validation subjects",
+        eval_label="held-out bundled subjects"),
+    "small-zsre": Plan("small-zsre", _merge(SMALL_MODEL_PROFILE, {
+        "model": {"name": "smollm2-135m"}, "train": {"n_batches": 50}, "data": {"n_edits": 10, "eval_batches": 10}}),
+        eval_slices=1, train_label="zsRE training part (500 records)",
+        valid_label="zsRE validation part (100 records of the training part)",
+        eval_label="zsRE evaluation part (198 records)"),
+    "small-counterfact": Plan("small-counterfact", _merge(SMALL_MODEL_PROFILE, {
+        "model": {"name": "smollm2-135m"}, "train": {"n_batches": 50}, "data": {"n_edits": 20, "eval_batches": 10}}),
+        eval_slices=4, train_label="CounterFact train (9,200 records)",
+        valid_label="CounterFact validation (800 records of train)", eval_label="CounterFact val file"),
+    "small-facts": Plan("small-facts", _merge(SMALL_MODEL_PROFILE, {"model": {"name": "smollm2-135m"}})),
+}
+
+
+def detect_kind(source: str) -> str:
+    """'bundled', or the record kind of a records file ('zsre', 'counterfact', 'facts')."""
+    if source == "bundled":
+        return "bundled"
+    from emsedit_fast.data.schemas import load_records
+
+    records = load_records(source).records
+    first = next(iter(records), None)
+    if first is None:
+        raise ValueError(f"{source}: no records")
+    return first.kind
+
+
+def plan_for(train_source: str) -> Plan:
+    """The profile of a training source (small models; larger models take the presets' published values)."""
+    return PLANS[f"small-{detect_kind(train_source)}"]
+
+
+def profile_defaults(plan: Plan) -> dict:
+    return plan.defaults
+
+
+def resolve_run(args) -> tuple[RunConfig, Plan]:
+    """(config, plan) of a command's arguments: the preset, then the profile of the training source, then the
+    command line. A run on another model than SmolLM2 keeps the profile's budget and protocol."""
+    source = getattr(args, "train_data", None) or "bundled"
+    plan = plan_for(source)
+    cfg = config_from_args(args, defaults=plan.defaults)
+    if cfg.data.train == "bundled" and source != "bundled":  # the flag was given through --set or --config
+        plan = plan_for(cfg.data.train)
+    return cfg, plan
