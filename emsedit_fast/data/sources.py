@@ -141,7 +141,7 @@ def _single_object(path: str, fh) -> Any | None:
 
 
 class _ListReader:
-    """Incremental reader of one JSON list: `buf` holds the undecoded text from file character `base` on.
+    """Incremental reader of one JSON list: `buf` holds the decoded text not consumed yet, from file character `base`.
 
     line/col of a buffer position p: lines = base_lines + newlines in buf[:p]; the column counts from the last
     newline, or continues base_col when buf[:p] has none. Used for corrupt-input messages like json.loads gives.

@@ -291,8 +291,9 @@ def _rss_mib() -> float:
 @pytest.mark.parametrize("n", [50_000, pytest.param(200_000, marks=pytest.mark.slow)], ids=["50k", "200k"])
 def test_large_file_is_read_lazily_in_bounded_memory(tmp_path, n):
     """n generated records (about 240 bytes of JSON Lines each): lazy reading holds one record at a time plus the
-    case_id index (duplicates are errors), a small fraction of what the whole list of records takes. 200k records
-    measured on 2 loaded cores: lazy 7.7 s and 31 MiB peak RSS growth, whole 10.0 s and 157 MiB (46 MiB file)."""
+    case_id index (duplicates are errors; about 130 bytes per record), a small fraction of what the whole list of
+    records takes. 200k records (46 MiB), on 2 cores shared with other jobs: lazy 9.3 s and 26 MiB peak RSS growth,
+    whole 10.2 s and 161 MiB."""
     path = tmp_path / "large.jsonl"
     line = ('{{"case_id": "c{i}", "prompt": "The capital of country number {i} is", "target_new": "City{j}", '
             '"rephrases": ["Country number {i} has its capital in"], "locality_prompts": ["The capital of France '
