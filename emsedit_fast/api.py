@@ -92,8 +92,8 @@ def open_session(cfg: RunConfig | None = None, *, checkpoint: str | None = None,
     if checkpoint is not None:
         meta = ckpt.read_meta(checkpoint)
         cfg = cfg if cfg is not None else ckpt.load_config(checkpoint)
-        if cfg.mode != meta["mode"]:
-            cfg = dataclasses.replace(cfg, mode=meta["mode"])
+        if cfg.train.mode != meta["mode"]:
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mode=meta["mode"]))
     if cfg is None:
         raise ValueError("open_session needs a config or a checkpoint")
     if model is None:
@@ -102,9 +102,9 @@ def open_session(cfg: RunConfig | None = None, *, checkpoint: str | None = None,
         device = next(model.parameters()).device
         model.eval()
         model.requires_grad_(False)
-    patterns = list(cfg.model.modules) or default_module_patterns(model, cfg.mode)
+    patterns = list(cfg.model.modules) or default_module_patterns(model, cfg.train.mode)
     modules = resolve_modules(model, patterns)
-    editor = build_editor(model, modules, cfg.editor, cfg.mode, seed=cfg.seed,
+    editor = build_editor(model, modules, cfg.editor, cfg.train.mode, seed=cfg.seed,
                           device=resolve_device(str(editor_device)) if editor_device is not None else device)
     session = Session(cfg, model, tokenizer, modules, editor, device, checkpoint=meta)
     if checkpoint is not None:
@@ -198,12 +198,12 @@ def train(session: Session, records: list[EditRecord] | None = None, *, trainer=
     if points:
         valid = valid if valid is not None else load_split(session, "valid")
         n_edits, t = cfg.data.n_edits, cfg.data.eval_batches
-        if cfg.mode == "sequential":
+        if cfg.train.mode == "sequential":
             t = min(t, len(valid) // n_edits)
-        pre = protocol_pre_edit(session, valid, cfg.mode, n_edits, t)
+        pre = protocol_pre_edit(session, valid, cfg.train.mode, n_edits, t)
 
         def validate(step):
-            m = evaluate_protocol(session, valid, cfg.mode, n_edits, t, pre_edit=pre, progress=False)
+            m = evaluate_protocol(session, valid, cfg.train.mode, n_edits, t, pre_edit=pre, progress=False)
             point = {"step": step, "fraction": step / len(batches),
                      **{k: m[k] for k in ("es", "gs", "ls", "ls_gold", "ls_agree", "ps") if k in m}}
             trainer.report.curve.append(point)
@@ -258,7 +258,7 @@ def edit(session: Session, records: list[EditRecord], *, n_edits: int | None = N
     cfg, editor, journal = session.cfg, session.editor, session.journal
     records = list(records)
     if not records:
-        raise ValueError("edit: no records")
+        raise ValueError("edit: needs at least one record")
     if n_edits is not None and n_edits < 1:
         raise ValueError(f"n_edits must be >= 1 (or None for one batch), got {n_edits}")
     size = n_edits or len(records)

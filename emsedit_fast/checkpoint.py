@@ -31,7 +31,6 @@ from safetensors.torch import save_file
 
 from emsedit_fast.config import RunConfig
 from emsedit_fast.config import build
-from emsedit_fast.config import migrate
 from emsedit_fast.config import to_dict
 from emsedit_fast.models.adapter import fingerprint_details
 from emsedit_fast.version import __version__
@@ -226,9 +225,9 @@ def read_meta(path: str) -> dict:
 
 
 def load_config(path: str) -> RunConfig:
-    """The resolved RunConfig a checkpoint was trained with (older layouts migrated, see config.migrate)."""
+    """The resolved RunConfig a checkpoint was trained with."""
     with open(os.path.join(path, "config.yaml")) as f:
-        return build(RunConfig, migrate(yaml.safe_load(f) or {}))
+        return build(RunConfig, yaml.safe_load(f) or {})
 
 
 def _diff(saved: dict, current: dict) -> list[str]:

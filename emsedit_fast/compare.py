@@ -64,7 +64,7 @@ def _run(args) -> int:
     train_records = api.load_split(base, "train")
     eval_records = api.load_split(base, "eval")
     slices = args.eval_slices or plan.eval_slices
-    per = (base.data.eval_batches if base.mode == "sequential" else 1) * base.data.n_edits
+    per = (base.data.eval_batches if base.train.mode == "sequential" else 1) * base.data.n_edits
     slices = min(slices, max(1, len(eval_records) // per))
 
     def save(label, metrics, session, trainer):
@@ -76,11 +76,11 @@ def _run(args) -> int:
     rows = compare_methods(base, methods, train_records=train_records, eval_records=eval_records, n_slices=slices,
                            overrides=args.set, defaults=plan.defaults, model=model, tokenizer=tokenizer,
                            progress=progress, on_row=save)
-    unit = "batches" if base.mode == "sequential" else "steps"
+    unit = "batches" if base.train.mode == "sequential" else "steps"
     budget = f"{base.train.epochs:g} epoch(s)" if base.train.epochs else f"{base.train.n_batches} {unit}"
     title = (f"{base.model.name}, train {plan.train_label} ({budget} x {base.data.n_edits} edits, profile {plan.name} "
-             f"chosen on {plan.valid_label}), eval {plan.eval_label}: {base.mode} "
-             f"{base.data.eval_batches if base.mode == 'sequential' else 1} x {base.data.n_edits} edits, "
+             f"chosen on {plan.valid_label}), eval {plan.eval_label}: {base.train.mode} "
+             f"{base.data.eval_batches if base.train.mode == 'sequential' else 1} x {base.data.n_edits} edits, "
              f"{slices} slice(s), seed {base.seed}, device {device} ({torch.get_num_threads()} threads)")
     table = results_table(rows, title)
     print("\n" + table + "\n")

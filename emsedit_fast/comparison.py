@@ -51,7 +51,7 @@ def method_config(base: RunConfig, method: str, overrides: list[str] = (), defau
                         "micro_batch": base.train.micro_batch, "prior_records": base.train.prior_records},
               "seed": base.seed}
     common["model"]["modules"] = list(base.model.modules)
-    cfg = load(name, mode=base.mode, defaults=defaults, extra={**common, "editor": {"n_steps": k}},
+    cfg = load(name, mode=base.train.mode, defaults=defaults, extra={**common, "editor": {"n_steps": k}},
                overrides=list(overrides))
     return dataclasses.replace(cfg, output=os.path.join(base.output, method))
 
@@ -70,7 +70,7 @@ def compare_methods(base: RunConfig, methods: list[str], *, train_records, eval_
     rows: list[tuple[str, dict]] = []
 
     def score(session, edit=True):
-        return api.evaluate_slices(session, eval_records, base.mode, n_edits, t, n_slices, edit=edit,
+        return api.evaluate_slices(session, eval_records, base.train.mode, n_edits, t, n_slices, edit=edit,
                                    progress=progress)
 
     for i, method in enumerate(methods):

@@ -3,9 +3,9 @@
     RunConfig
       model:   ModelConfig    which causal LM, dtype, device, edited modules
       editor:  EditorConfig   method, MSBP steps K, hypernetwork shape, solve form, key prior, undo, backend
-      train:   TrainConfig    losses, optimiser, budgets
+      train:   TrainConfig    mode (sequential: lifelong, many small batches, step-specific networks | batch: one
+                              large batch, one shared network), losses, optimiser, budgets
       data:    DataConfig     records for training, validation and evaluation, edits per batch, batches
-      mode:    sequential (lifelong: many small batches, step-specific networks) | batch (one large batch)
       profile, seed, output
 
 The commands share their flags through `add_run_arguments` and turn them into a RunConfig with `config_from_args`.
@@ -84,6 +84,7 @@ class EditorConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    mode: Literal["sequential", "batch"] = "sequential"  # lifelong (many small batches) or one large batch
     loss: Literal["l2", "kl", "rledit_decay"] = "l2"  # EMSEdit drift penalty, KL locality, RLEdit decayed loss
     edit_coef: float = 1.0
     loc_coef: float = 0.6  # KL weight
@@ -139,7 +140,6 @@ class RunConfig:
     editor: EditorConfig = field(default_factory=EditorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    mode: Literal["sequential", "batch"] = "sequential"
     profile: Literal["default", "reference"] = "default"
     seed: int = 0
     output: str = "runs/emsedit"
@@ -265,16 +265,6 @@ def _one_line(err: Exception) -> str:
     return " ".join(str(err).split())
 
 
-def migrate(values: dict) -> dict:
-    """A config dict written when the mode was a training key (train.mode) in today's layout (top-level mode)."""
-    values = dict(values)
-    train = dict(values.get("train") or {})
-    if "mode" in train:
-        values.setdefault("mode", train.pop("mode"))
-        values["train"] = train
-    return values
-
-
 def load(editor: str = "emsedit", mode: str | None = None, files: list[str] = (), overrides: list[str] = (),
          extra: dict | None = None, defaults: dict | None = None) -> RunConfig:
     """Resolve a run config, later sources winning: the editor preset, `mode` (default: the preset's),
@@ -282,7 +272,7 @@ def load(editor: str = "emsedit", mode: str | None = None, files: list[str] = ()
     values = preset("editor", editor)
     values.setdefault("editor", {})["name"] = values.get("editor", {}).get("name", editor)
     if mode is not None:
-        values["mode"] = mode
+        values = _merge(values, {"train": {"mode": mode}})
     if defaults:
         values = _merge(values, defaults)
     for path in files:
@@ -297,13 +287,11 @@ def load(editor: str = "emsedit", mode: str | None = None, files: list[str] = ()
             raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a config file must hold a mapping")
-        values = _merge(values, migrate(loaded))
+        values = _merge(values, loaded)
     if extra:
         values = _merge(values, extra)
     for text in overrides:
         path, value = parse_override(text)
-        if path == ["train", "mode"]:  # the key's earlier home
-            path = ["mode"]
         node = values
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -319,7 +307,7 @@ def load(editor: str = "emsedit", mode: str | None = None, files: list[str] = ()
 def apply_reference_profile(cfg: RunConfig) -> RunConfig:
     """Reproduce the published code's legitimate choices: one Adam step at the end of sequential training with the
     sequential drift coefficient 0.25 it effectively used, and reset chaining in the batch mode."""
-    sequential = cfg.mode == "sequential"
+    sequential = cfg.train.mode == "sequential"
     train = dataclasses.replace(cfg.train, batch_step_chaining="reset",
                                 seq_optimizer_step="once_at_end" if sequential else cfg.train.seq_optimizer_step,
                                 reg_coef=0.25 if sequential else cfg.train.reg_coef)

@@ -44,7 +44,7 @@ def _run(args, rank: int) -> int:
 
     cfg = config_from_args(args)
     if args.output is None:
-        cfg = dataclasses.replace(cfg, output=os.path.join("runs", f"{cfg.editor.name}-{cfg.mode}-dp"))
+        cfg = dataclasses.replace(cfg, output=os.path.join("runs", f"{cfg.editor.name}-{cfg.train.mode}-dp"))
     try:
         _, trainer, results = train_data_parallel(cfg, editor_device=args.editor_device, resume=args.resume,
                                                   progress=False if args.no_progress else None,

@@ -144,7 +144,8 @@ def _with_editor(args, journal_dir, progress) -> int:
     meta = read_meta(args.editor_checkpoint)
     if args.editor and args.editor != meta["editor"]:
         raise ValueError(f"--editor {args.editor} but the checkpoint holds a {meta['editor']} editor")
-    cfg = config_from_args(argparse.Namespace(**{**vars(args), "steps": None, "mode": meta["mode"]}),
+    cfg = config_from_args(argparse.Namespace(**{**vars(args), "steps": None, "n_edits": None,
+                                                  "mode": meta["mode"]}),
                            defaults=to_dict(load_config(args.editor_checkpoint)), editor=meta["editor"])
     if not journal_dir:
         raise ValueError("no journal folder: pass --journal DIR or --output DIR")
@@ -156,7 +157,7 @@ def _with_editor(args, journal_dir, progress) -> int:
     _revert_and_compact(args, journal, session.model, session.device)
     if args.facts:
         records = _load_facts(args, cfg)
-        n_edits = args.n_edits if args.n_edits is not None else (cfg.data.n_edits if cfg.mode == "sequential" else 0)
+        n_edits = args.n_edits if args.n_edits is not None else (cfg.data.n_edits if cfg.train.mode == "sequential" else 0)
         results, refused = api.edit(session, records, n_edits=n_edits or None, n_steps=args.steps,
                                     checkpoint={"path": os.path.abspath(args.editor_checkpoint),
                                                 "hash": checkpoint_hash(meta)},

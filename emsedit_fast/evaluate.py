@@ -60,8 +60,8 @@ def _run(args) -> int:
     from emsedit_fast.report import results_table
     from emsedit_fast.report import write_json
 
-    for flag, value in (("--n-edits", args.n_edits), ("--batches", args.batches), ("--batch-size", args.batch_size),
-                        ("--slices", args.slices)):
+    for flag, value in (("--n-edits (data.n_edits)", args.n_edits), ("--batches (data.eval_batches)", args.batches),
+                        ("--batch-size", args.batch_size), ("--slices", args.slices)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.fluency_tokens < 0:
@@ -77,7 +77,7 @@ def _run(args) -> int:
         flags = {"model": {k: v for k, v in (("name", args.model), ("device", args.device), ("dtype", args.dtype))
                            if v},
                  "editor": {"backend": args.backend} if args.backend else {}}
-        cfg = load(saved.editor.name, mode=args.mode or saved.mode, extra=_merged(to_dict(saved), flags),
+        cfg = load(saved.editor.name, mode=args.mode or saved.train.mode, extra=_merged(to_dict(saved), flags),
                    overrides=args.set)
         session = api.open_session(cfg, checkpoint=args.checkpoint)
         meta = session.checkpoint
@@ -85,7 +85,7 @@ def _run(args) -> int:
         cfg, _ = resolve_run(argparse.Namespace(**{**vars(args), "train_data": None}))
         session = api.open_session(cfg)
         meta = None
-    mode = cfg.mode
+    mode = cfg.train.mode
     n_edits = args.n_edits if args.n_edits is not None else cfg.data.n_edits
     t = args.batches if args.batches is not None else cfg.data.eval_batches
     cfg = dataclasses.replace(cfg, output=args.output)

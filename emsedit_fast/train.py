@@ -71,7 +71,7 @@ def _run(args) -> int:
 
     cfg, plan = resolve_run(args)
     if args.output is None:
-        cfg = dataclasses.replace(cfg, output=os.path.join("runs", f"{cfg.editor.name}-{cfg.mode}"))
+        cfg = dataclasses.replace(cfg, output=os.path.join("runs", f"{cfg.editor.name}-{cfg.train.mode}"))
     progress = False if args.no_progress else None
     os.makedirs(cfg.output, exist_ok=True)
     baselines = parse_methods(args.baselines if args.baselines is not None else plan.baselines)
@@ -80,17 +80,17 @@ def _run(args) -> int:
         session = api.open_session(cfg)
         log.info("model %s on %s; editing %d modules in %d shape group(s); editor %s (%s, K=%d); profile %s",
                  cfg.model.name, session.device, len(session.modules), len(session.editor.groups), cfg.editor.name,
-                 cfg.mode, cfg.editor.n_steps, plan.name)
+                 cfg.train.mode, cfg.editor.n_steps, plan.name)
         train_records = api.load_split(session, "train")
         eval_records = api.load_split(session, "eval") if not args.no_eval else []
         n_edits, t, slices = cfg.data.n_edits, cfg.data.eval_batches, plan.eval_slices
         pre = None
         rows = []
         if not args.no_eval:
-            slices = min(slices, max(1, len(eval_records) // ((t if cfg.mode == "sequential" else 1) * n_edits)))
-            rows.append(("unedited", api.evaluate_slices(session, eval_records, cfg.mode, n_edits, t, slices,
+            slices = min(slices, max(1, len(eval_records) // ((t if cfg.train.mode == "sequential" else 1) * n_edits)))
+            rows.append(("unedited", api.evaluate_slices(session, eval_records, cfg.train.mode, n_edits, t, slices,
                                                          edit=False, progress=progress)))
-            rows.append(("untrained", api.evaluate_slices(session, eval_records, cfg.mode, n_edits, t, slices,
+            rows.append(("untrained", api.evaluate_slices(session, eval_records, cfg.train.mode, n_edits, t, slices,
                                                           progress=progress)))
         trainer = MetaTrainer(session.editor, cfg.train)
         if args.resume:
@@ -117,7 +117,7 @@ def _run(args) -> int:
             results["learning_curve_plot"] = plot_learning_curve(trainer.report.curve, cfg.output,
                                                                  f"{cfg.editor.name} K={cfg.editor.n_steps}")
         if not args.no_eval:
-            trained = api.evaluate_slices(session, eval_records, cfg.mode, n_edits, t, slices, progress=progress)
+            trained = api.evaluate_slices(session, eval_records, cfg.train.mode, n_edits, t, slices, progress=progress)
             trained["train_seconds_per_edit"] = trainer.report.seconds_per_edit
             rows.append((f"{cfg.editor.name} K={cfg.editor.n_steps} (trained)", trained))
             if baselines:
@@ -128,9 +128,9 @@ def _run(args) -> int:
                                        n_slices=slices, overrides=args.set, defaults=profile_defaults(plan),
                                        model=session.model, tokenizer=session.tokenizer, progress=progress)
                 rows += [r for r in more if r[0] not in ("unedited",) and not r[0].endswith("untrained")]
-            per = (t if cfg.mode == "sequential" else 1) * n_edits
+            per = (t if cfg.train.mode == "sequential" else 1) * n_edits
             title = (f"{cfg.model.name}, {plan.eval_label} ({slices} slice(s) of {per} records; "
-                     f"{cfg.mode} {t if cfg.mode == 'sequential' else 1} x {n_edits} edits), every editor "
+                     f"{cfg.train.mode} {t if cfg.train.mode == 'sequential' else 1} x {n_edits} edits), every editor "
                      f"trained on {plan.train_label} for {trainer.report.steps} batches, profile {plan.name} "
                      f"(chosen on {plan.valid_label}), seed {cfg.seed}, device {session.device}")
             table = results_table(rows, title)

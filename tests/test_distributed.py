@@ -20,13 +20,13 @@ from safetensors.torch import load_file
 from emsedit_fast import api
 from emsedit_fast import ops
 from emsedit_fast.checkpoint import load_config
-from emsedit_fast.distributed import DataParallelTrainer
-from emsedit_fast.distributed import load_stats_
-from emsedit_fast.distributed import merge_running_stats
-from emsedit_fast.distributed import stats_state
-from emsedit_fast.editors.base import EditRefused
+from emsedit_fast.parallel import DataParallelTrainer
+from emsedit_fast.parallel import load_stats_
+from emsedit_fast.parallel import merge_running_stats
+from emsedit_fast.parallel import stats_state
+from emsedit_fast.editors import EditRefused
 from emsedit_fast.nn import RunningStats
-from emsedit_fast.training import MetaTrainer
+from emsedit_fast.trainer import MetaTrainer
 
 WORLD = 2
 
@@ -47,7 +47,7 @@ class _Recorder:
 
 def _batches(session, cfg):
     recorder = _Recorder()
-    api.train(session, cfg, trainer=recorder)
+    api.train(session, trainer=recorder)
     return recorder.batches
 
 
@@ -67,7 +67,7 @@ def _accumulated_reference(cfg, world):
                 trainer.optimizer.zero_grad(set_to_none=True)
                 before = ops.snapshot(editor.weights())
                 records = trainer._apply_steps(tuples, range(k, k + 1))
-                _, weight_grads = trainer.weight_grads([(1.0, tuples, None)])
+                _, weight_grads = trainer.weight_grads([(1.0, tuples, None)], records)
                 ops.restore_(editor.weights(), before)
                 editor.meta_backward(records, weight_grads)
                 grads.append({n: p.grad.clone() for n, p in editor.named_parameters() if p.grad is not None})
@@ -165,7 +165,7 @@ def test_refused_batch_keeps_the_ranks_in_step(monkeypatch):
     """World of one (gloo): a refused step still joins the remaining synchronisations of its batch (so the other
     ranks never block) with zero weight, and nobody contributing means no optimiser step, as in one process."""
     from emsedit_fast.config import load
-    from emsedit_fast.distributed import GradientSync
+    from emsedit_fast.parallel import GradientSync
 
     cfg = load("emsedit", mode="batch", overrides=["model.name=tiny-llama", "model.device=cpu", "editor.rank=8",
                                                    "train.n_batches=2", "data.n_edits=4", "train.meta_lr=1e-3"])

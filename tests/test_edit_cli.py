@@ -17,12 +17,10 @@ from emsedit_fast.checkpoint import save_checkpoint
 from emsedit_fast.config import load
 from emsedit_fast.data.facts import bundled_facts
 from emsedit_fast.data.schemas import save_records
-from emsedit_fast.edit import edit_facts
-from emsedit_fast.edit import load_editor_session
 from emsedit_fast.edit import main
 from emsedit_fast.journal import Journal
-from emsedit_fast.journal import apply_edit_
-from emsedit_fast.journal import weights_by_name
+from emsedit_fast.editfiles import weights_by_name
+from emsedit_fast.updates import apply_edit_
 from emsedit_fast.models.smollm2 import load_model
 
 MODULES = ("model.layers.0.mlp.gate_proj", "model.layers.1.mlp.up_proj")
@@ -35,7 +33,7 @@ def workspace(tmp_path_factory):
         "model.name=tiny-llama", "model.device=cpu", "editor.rank=8", "train.n_batches=2", "data.n_edits=4",
         "train.micro_batch=4", "train.meta_lr=1e-3", f"output={root / 'run'}"])
     session = api.open_session(cfg)
-    trainer = api.train(session, cfg, progress=False)
+    trainer = api.train(session, progress=False)
     ckpt = save_checkpoint(str(root / "run" / "checkpoint"), session.editor, cfg, trainer)
     facts = bundled_facts("eval")
     save_records(facts[:6], root / "facts.jsonl")
@@ -51,9 +49,9 @@ def _saved_weights(folder):
 
 def _api_weights(ckpt, records, batches):
     """The same edits through the Python API in one continuous session: the reference for the CLI."""
-    session, _ = load_editor_session(ckpt)
+    session = api.open_session(checkpoint=ckpt)
     for chunk in batches:
-        edit_facts(session, [records[i] for i in chunk], mode="batch", measure=False, progress=False)
+        api.edit(session, [records[i] for i in chunk], measure=False, progress=False)
     return [w.clone() for w in session.editor.weights()]
 
 
@@ -64,7 +62,7 @@ def _equal(a, b):
 def test_cli_edits_journals_saves_and_reapplies(workspace, capsys):
     root, ckpt = workspace["root"], workspace["ckpt"]
     out = root / "out1"
-    rc = main(["--editor-checkpoint", ckpt, "--facts", workspace["facts"], "--mode", "sequential", "--n-edits", "3",
+    rc = main(["--editor-checkpoint", ckpt, "--facts", workspace["facts"], "--n-edits", "3",
                "--output", str(out), "--save-model", str(out / "model"), "--save-edit", str(out / "edit.safetensors"),
                "--export-lora", str(out / "lora"), "--editor-device", "cpu", "--no-progress"])
     assert rc == 0
@@ -104,8 +102,7 @@ def test_cli_edits_journals_saves_and_reapplies(workspace, capsys):
 def test_cli_revert_and_materialise(workspace, capsys):
     root, ckpt = workspace["root"], workspace["ckpt"]
     out = root / "out2"
-    assert main(["--editor-checkpoint", ckpt, "--facts", workspace["facts"], "--mode", "sequential",
-                 "--n-edits", "3", "--journal", str(out / "journal"), "--no-efficacy", "--no-progress"]) == 0
+    assert main(["--editor-checkpoint", ckpt, "--facts", workspace["facts"], "--n-edits", "3", "--journal", str(out / "journal"), "--no-efficacy", "--no-progress"]) == 0
     journal = Journal(str(out / "journal"), create=False)
     after_first = _api_weights(ckpt, workspace["records"], [range(0, 3)])
 
@@ -136,8 +133,7 @@ def test_cli_revert_and_materialise(workspace, capsys):
 def test_cli_revert_earlier_edit_rebuilds_from_remaining_factors(workspace, capsys):
     root, ckpt = workspace["root"], workspace["ckpt"]
     out = root / "out3"
-    assert main(["--editor-checkpoint", ckpt, "--facts", workspace["facts"], "--mode", "sequential",
-                 "--n-edits", "3", "--journal", str(out / "journal"), "--no-efficacy", "--no-progress"]) == 0
+    assert main(["--editor-checkpoint", ckpt, "--facts", workspace["facts"], "--n-edits", "3", "--journal", str(out / "journal"), "--no-efficacy", "--no-progress"]) == 0
     assert main(["--journal", str(out / "journal"), "--revert", "1", "--save-model", str(out / "r")]) == 0
     assert "an earlier edit" in capsys.readouterr().out
     journal = Journal(str(out / "journal"), create=False)
@@ -151,17 +147,17 @@ def test_cli_continued_journal_equals_one_continuous_session(workspace):
     """Two invocations on one journal (the normaliser statistics travel with the edits) = one API session."""
     root, ckpt = workspace["root"], workspace["ckpt"]
     out = root / "out4"
-    assert main(["--editor-checkpoint", ckpt, "--facts", workspace["facts"], "--mode", "batch",
+    assert main(["--editor-checkpoint", ckpt, "--facts", workspace["facts"], "--n-edits", "0",
                  "--output", str(out), "--no-efficacy", "--no-progress"]) == 0
-    assert main(["--editor-checkpoint", ckpt, "--facts", workspace["more"], "--mode", "batch", "--steps", "1",
+    assert main(["--editor-checkpoint", ckpt, "--facts", workspace["more"], "--n-edits", "0", "--steps", "1",
                  "--output", str(out), "--no-efficacy", "--no-progress", "--save-model", str(out / "model"),
                  "--save-edit", str(out / "all.safetensors")]) == 0
     journal = Journal(str(out / "journal"), create=False)
     assert journal.active_ids() == [1, 2] and journal.edits[1]["editor"]["n_steps"] == 1
 
-    session, _ = load_editor_session(ckpt)
-    edit_facts(session, workspace["records"][:6], measure=False, progress=False)
-    edit_facts(session, workspace["records"][6:9], n_steps=1, measure=False, progress=False)
+    session = api.open_session(checkpoint=ckpt)
+    api.edit(session, workspace["records"][:6], measure=False, progress=False)
+    api.edit(session, workspace["records"][6:9], n_steps=1, measure=False, progress=False)
     assert _equal(_saved_weights(out / "model")[0], [w.clone() for w in session.editor.weights()])
 
     # the edit file holds both batches: applied onto the base it gives the same model

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from emsedit_fast.export import export_lora
-from emsedit_fast.journal import EditFactors
-from emsedit_fast.journal import GroupFactors
-from emsedit_fast.journal import apply_edit_
-from emsedit_fast.journal import total_deltas
-from emsedit_fast.journal import weights_by_name
+from emsedit_fast.editfiles import weights_by_name
+from emsedit_fast.updates import AppliedEdit as EditFactors
+from emsedit_fast.updates import GroupUpdate as GroupFactors
+from emsedit_fast.updates import apply_edit_
+from emsedit_fast.updates import total_deltas
 from emsedit_fast.models.adapter import default_module_patterns
 from emsedit_fast.models.adapter import group_by_shape
 from emsedit_fast.models.adapter import resolve_modules
@@ -50,7 +50,7 @@ def _synthetic_edit(modules, n_steps=2, n=5, form="dual", seed=0, scale=0.3):
             else:
                 groups.append(GroupFactors(tuple(g.names), g.transposed, form, coeffs, k, n))
         steps.append(groups)
-    return EditFactors(steps, {"apply_deltas_": "reference", "apply_deltas_dense_": "reference"}, {"id": 1})
+    return EditFactors(steps, {"apply_deltas_": "reference", "apply_deltas_dense_": "reference"}, info={"id": 1})
 
 
 def _logits(model, tok):
@@ -122,7 +122,6 @@ def test_export_of_a_real_editor_edit(tmp_path):
     from emsedit_fast import api
     from emsedit_fast.config import load
     from emsedit_fast.data.facts import bundled_facts
-    from emsedit_fast.edit import edit_facts
     from emsedit_fast.editors import build_editor
 
     model = tiny_gpt2()
@@ -131,8 +130,8 @@ def test_export_of_a_real_editor_edit(tmp_path):
                                                         "editor.solve_form=dual"])
     editor = build_editor(model, modules, cfg.editor, "sequential", seed=0)
     session = api.Session(cfg, model, tiny_tokenizer(), modules, editor, torch.device("cpu"))
-    results, _ = edit_facts(session, bundled_facts("eval")[:4], measure=False, progress=False)
-    edit = results[0].factors
+    results, _ = api.edit(session, bundled_facts("eval")[:4], measure=False, progress=False)
+    edit = results[0].applied
     assert {g.form for step in edit.steps for g in step} == {"dual"} and len(edit.steps) == 2
     export_lora([edit], _layouts(modules), str(tmp_path / "lora"))
     tok = tiny_tokenizer()

@@ -13,16 +13,15 @@ from emsedit_fast import api
 from emsedit_fast import ops
 from emsedit_fast.config import load
 from emsedit_fast.data.facts import bundled_facts
-from emsedit_fast.edit import edit_facts
-from emsedit_fast.edit import journal_header
-from emsedit_fast.edit import open_journal
+from emsedit_fast.editfiles import base_header as journal_header
+from emsedit_fast.editfiles import load_edit_file
+from emsedit_fast.editfiles import save_edit_file
+from emsedit_fast.editfiles import weights_by_name
 from emsedit_fast.editors import build_editor
 from emsedit_fast.journal import Journal
 from emsedit_fast.journal import JournalError
-from emsedit_fast.journal import apply_edit_
-from emsedit_fast.journal import load_edit_file
-from emsedit_fast.journal import save_edit_file
-from emsedit_fast.journal import weights_by_name
+from emsedit_fast.journal import open_journal
+from emsedit_fast.updates import apply_edit_
 from emsedit_fast.models.adapter import default_module_patterns
 from emsedit_fast.models.adapter import resolve_modules
 from emsedit_fast.models.tiny import tiny_gpt2
@@ -41,6 +40,11 @@ def _session(make_model, dtype):
     modules = resolve_modules(model, default_module_patterns(model, "sequential"))
     editor = build_editor(model, modules, cfg.editor, "sequential", seed=0)
     return api.Session(cfg, model, tiny_tokenizer(), modules, editor, torch.device("cpu"))
+
+
+def edit_facts(session, records, journal=None, header=None, n_edits=None, **kw):
+    session.journal, session.header = journal, header
+    return api.edit(session, records, n_edits=n_edits, **kw)
 
 
 def _state(session):
@@ -114,7 +118,7 @@ def test_edit_file_round_trip_and_base_check(tmp_path):
     session = _session(tiny_llama, torch.float32)
     journal, header = open_journal(str(tmp_path / "j"), session.model, session.modules, model_name="tiny-llama")
     records = bundled_facts("eval")[:6]
-    edit_facts(session, records, journal=journal, header=header, mode="sequential", n_edits=3, measure=False,
+    edit_facts(session, records, journal=journal, header=header, n_edits=3, measure=False,
                progress=False)
     edited = _state(session)
     path = str(tmp_path / "edit.safetensors")
@@ -123,7 +127,7 @@ def test_edit_file_round_trip_and_base_check(tmp_path):
     assert [e.info["id"] for e in edits] == [1, 2] and saved_header["base_fingerprint"] == header["base_fingerprint"]
     assert os.path.getsize(path) < 200_000  # factors only: n (d_in + d_out) fp32 per layer and step
 
-    from emsedit_fast.edit import apply_edit_file
+    from emsedit_fast.editfiles import apply_edit_file
 
     fresh = _session(tiny_llama, torch.float32)
     apply_edit_file(fresh.model, path)
@@ -173,7 +177,7 @@ def test_crash_between_factors_and_line_keeps_journal_consistent(tmp_path, monke
 
 
 def test_failed_factors_write_leaves_nothing_behind(tmp_path, monkeypatch):
-    import emsedit_fast.journal as journal_mod
+    import emsedit_fast.editfiles as journal_mod
 
     session = _session(tiny_llama, torch.float32)
     jdir = str(tmp_path / "j")

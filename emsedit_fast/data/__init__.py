@@ -20,12 +20,16 @@ from emsedit_fast.data.schemas import KINDS
 from emsedit_fast.data.schemas import DataError
 from emsedit_fast.data.schemas import EditRecord
 from emsedit_fast.data.schemas import LoadResult
+from emsedit_fast.data.schemas import RecordStream
+from emsedit_fast.data.schemas import iter_records
 from emsedit_fast.data.schemas import RecordError
 from emsedit_fast.data.schemas import load_records
 from emsedit_fast.data.schemas import records_to_dataset
 from emsedit_fast.data.schemas import save_records
 from emsedit_fast.data.splits import RecordSplit
 from emsedit_fast.data.splits import batches
+from emsedit_fast.data.splits import carve_valid
+from emsedit_fast.data.splits import load_split
 from emsedit_fast.data.splits import split_records
 from emsedit_fast.data.splits import zsre_split
 
@@ -37,14 +41,18 @@ __all__ = [
     "EditRecord",
     "LoadResult",
     "RecordError",
+    "RecordStream",
     "RecordSplit",
     "TokenBatch",
     "batches",
     "bundled_facts",
+    "carve_valid",
     "collate",
     "edit_tuples",
     "equiv_tuples",
+    "iter_records",
     "load_records",
+    "load_split",
     "make_counterfacts",
     "portability_tuples",
     "record_tuples",

@@ -39,29 +39,49 @@ def test_tables_are_large_enough_and_correct_on_spot_checks():
 
 def test_deterministic_for_a_seed(split):
     again = make_counterfacts(seed=0)
-    assert again.train == split.train and again.eval == split.eval
+    assert again.train == split.train and again.valid == split.valid and again.eval == split.eval
     other = make_counterfacts(seed=1)
     assert [r.target_new for r in other.train] != [r.target_new for r in split.train]
     assert bundled_facts("train") == split.train and bundled_facts("eval", seed=0) == split.eval
+    assert bundled_facts("valid") == split.valid
     with pytest.raises(ValueError, match="split must be"):
         bundled_facts("test")
 
 
 def test_one_record_per_fact_and_subject_disjoint(split):
-    records = split.train + split.eval
-    assert len(records) == len(true_facts())
+    records = split.train + split.valid + split.eval
+    assert len(records) + len(split.neighbours) == len(true_facts())  # every fact: edited once, or a neighbour
     assert len({r.case_id for r in records}) == len(records)
-    train_subjects, eval_subjects = {r.subject for r in split.train}, {r.subject for r in split.eval}
-    assert train_subjects.isdisjoint(eval_subjects)
-    assert len(split.eval) > 0.15 * len(records) and len(split.train) > 0.6 * len(records)
-    # every relation is present on both sides
-    assert {r.case_id.split("/")[0] for r in split.eval} == set(RELATIONS)
-    assert {r.case_id.split("/")[0] for r in split.train} == set(RELATIONS)
-    # neighbourhood prompts only mention subjects of the same split
-    for part, subjects in ((split.train, train_subjects), (split.eval, eval_subjects)):
-        for r in part:
-            canonical = TEMPLATES[r.case_id.split("/")[0]][0]
-            assert set(r.locality_prompts) <= {fill(canonical, s) for s in subjects}
+    subjects = {name: {r.subject for r in part} for name, part in (("train", split.train), ("valid", split.valid),
+                                                                   ("eval", split.eval))}
+    assert subjects["train"].isdisjoint(subjects["eval"]) and subjects["train"].isdisjoint(subjects["valid"])
+    assert subjects["valid"].isdisjoint(subjects["eval"])
+    assert len(split.eval) > 0.15 * len(records) and len(split.valid) > 0.1 * len(records)
+    assert len(split.train) > 0.6 * len(records)
+    # every relation is present in every split
+    for part in (split.train, split.valid, split.eval):
+        assert {r.case_id.split("/")[0] for r in part} == set(RELATIONS)
+    # neighbourhood prompts only mention neighbour-only subjects, which no split edits
+    pool = {(f.relation, f.subject) for f in split.neighbours}
+    edited = {(r.case_id.split("/")[0], r.subject) for r in records}
+    assert pool.isdisjoint(edited)
+    for r in records:
+        relation = r.case_id.split("/")[0]
+        canonical = TEMPLATES[relation][0]
+        allowed = {fill(canonical, f.subject) for f in split.neighbours if f.relation == relation}
+        assert r.locality_prompts and set(r.locality_prompts) <= allowed
+
+
+def test_no_locality_prompt_is_an_edited_prompt(split):
+    """Protocol hygiene: a locality prompt must not be the edit or paraphrase prompt of any record a protocol edits
+    (such a prompt is meant to change); and no validation record is in training."""
+    from emsedit_fast.data.splits import locality_overlap
+
+    records = split.train + split.valid + split.eval
+    for part in (split.train, split.valid, split.eval):
+        assert locality_overlap(part, records) == []
+    assert {r.case_id for r in split.valid}.isdisjoint({r.case_id for r in split.train})
+    assert {r.case_id for r in split.eval}.isdisjoint({r.case_id for r in split.train + split.valid})
 
 
 def test_records_are_well_formed(split):
@@ -70,7 +90,7 @@ def test_records_are_well_formed(split):
     objects = {}
     for f in true_facts():
         objects.setdefault(f.relation, set()).add(f.object)
-    for r in split.train + split.eval:
+    for r in split.train + split.valid + split.eval:
         relation = r.case_id.split("/")[0]
         assert r.kind == "counterfact" and r.metric_family == "margin"
         assert r.ground_truth == truth[(relation, r.subject)]
@@ -82,9 +102,12 @@ def test_records_are_well_formed(split):
         assert r.generation_prompts
         for answer in (r.target_new, r.ground_truth, *r.locality_answers, *r.portability_answers):
             assert 1 <= len(answer.split()) <= 4
-    # neighbours share the true object whenever the split has such subjects
-    r = next(x for x in split.train + split.eval if x.case_id == "city_country/Lyon")
-    assert r.locality_answers[0] == "France"
+    # neighbours share the true object whenever the neighbour-only pool has such subjects
+    for r in split.train + split.valid + split.eval:
+        relation = r.case_id.split("/")[0]
+        same = [f for f in split.neighbours if f.relation == relation and f.object == r.ground_truth]
+        if same:
+            assert r.locality_answers[0] == r.ground_truth, r.case_id
     assert t.city_country["Lyon"] == "France"
 
 
@@ -113,8 +136,11 @@ def test_portability_probes_follow_the_documented_rule(split):
 
 
 def test_eval_fraction_and_neighbour_count():
-    small = make_counterfacts(seed=3, eval_fraction=0.5, n_neighbours=1, max_portability=1)
+    small = make_counterfacts(seed=3, eval_fraction=0.45, valid_fraction=0.1, n_neighbours=1, max_portability=1)
     assert abs(len(small.eval) - len(small.train)) < 0.25 * (len(small.eval) + len(small.train))
-    assert all(len(r.locality_prompts) == 1 and len(r.portability_prompts) <= 1 for r in small.train + small.eval)
+    assert all(len(r.locality_prompts) == 1 and len(r.portability_prompts) <= 1
+               for r in small.train + small.valid + small.eval)
     with pytest.raises(ValueError, match="eval_fraction"):
         make_counterfacts(eval_fraction=1.0)
+    with pytest.raises(ValueError, match="eval_fraction \\+ valid_fraction"):
+        make_counterfacts(eval_fraction=0.6, valid_fraction=0.5)

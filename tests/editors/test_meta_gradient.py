@@ -6,7 +6,7 @@ import torch
 
 from emsedit_fast import api
 from emsedit_fast.config import load
-from emsedit_fast.training import MetaTrainer
+from emsedit_fast.trainer import MetaTrainer
 
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
@@ -16,7 +16,8 @@ def test_meta_gradient_matches_finite_differences(editor, model):
                                                  "train.reg_coef=0", "editor.n_steps=1", "train.loss=l2",
                                                  "editor.backend=reference"])
     session = api.open_session(cfg)
-    batch = api.make_batches(session.tokenizer, api.load_split("bundled", "train", cfg), 6, 1, cfg, "cpu")[0]
+    batch = api.make_batches(session.tokenizer, api.load_split(cfg, "train", source="bundled"), 6, 1,
+                             cfg.train.micro_batch, cfg.model.max_length, "cpu")[0]
     editor_, trainer = session.editor, MetaTrainer(session.editor, cfg.train)
     net = editor_.net(0, 0)
     eta0 = net.eta.detach().clone()

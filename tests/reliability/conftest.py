@@ -49,7 +49,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("reliability")
     cfg = load("emsedit", mode="sequential", overrides=MODEL_OVERRIDES + [f"output={root / 'run'}"])
     session = api.open_session(cfg)
-    trainer = api.train(session, cfg, progress=False)
+    trainer = api.train(session, progress=False)
     ckpt = save_checkpoint(str(root / "run" / "checkpoint"), session.editor, cfg, trainer)
     records = bundled_facts("eval")[:4]
     save_records(records, root / "facts.jsonl")

@@ -117,7 +117,7 @@ def bad(trained, tmp_path_factory):
 
     # a journal with two edits, then damaged copies of it
     journal = root / "journal"
-    assert edit.main(["--editor-checkpoint", trained["ckpt"], "--facts", trained["facts"], "--mode", "sequential",
+    assert edit.main(["--editor-checkpoint", trained["ckpt"], "--facts", trained["facts"],
                       "--n-edits", "2", "--journal", str(journal), "--no-efficacy", "--no-progress"]) == 0
     out["journal"] = str(journal)
     garbled_j = shutil.copytree(journal, root / "journal_garbled")

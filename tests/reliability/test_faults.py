@@ -31,7 +31,7 @@ from emsedit_fast.checkpoint import load_editor_state
 from emsedit_fast.checkpoint import read_meta
 from emsedit_fast.checkpoint import save_checkpoint
 from emsedit_fast.journal import Journal
-from emsedit_fast.journal import apply_edit_
+from emsedit_fast.updates import apply_edit_
 
 PAUSE = r'''
 import os, sys, time
@@ -276,8 +276,7 @@ def test_killed_edit_keeps_journal_and_saved_model_consistent(trained, tmp_path,
 
     more = bundled_facts("eval")[4:8]
     save_records(more, tmp_path / "more.jsonl")
-    common = ["--editor-checkpoint", trained["ckpt"], "--no-efficacy", "--no-progress", "--mode", "sequential",
-              "--n-edits", "2"]
+    common = ["--editor-checkpoint", trained["ckpt"], "--no-efficacy", "--no-progress", "--n-edits", "2"]
     first = tmp_path / "first"
     assert edit.main(common + ["--facts", trained["facts"], "--n-edits", "4", "--journal", str(first / "journal"),
                                "--save-model", str(first / "model")]) == 0  # edit 1, saved

@@ -22,7 +22,7 @@ from emsedit_fast.data.edit_batch import tokenize_batch
 from emsedit_fast.data.facts import bundled_facts
 from emsedit_fast.editors import EditRefused
 from emsedit_fast.nn import HyperNet
-from emsedit_fast.training import MetaTrainer
+from emsedit_fast.trainer import MetaTrainer
 
 TINY = ["model.name=tiny-llama", "model.device=cpu", "editor.rank=8"]
 
@@ -70,7 +70,7 @@ def setup(request):
     state0 = {k: v.clone() for k, v in editor.state_dict().items()}
     clean = editor.edit(batch.edit)
     after_clean = [w.clone() for w in editor.weights()]
-    norms = [float(g.delta_norms().max()) for rec in clean.steps for g in rec.groups]
+    norms = [float(g.delta_norms().max()) for step in clean.steps for g in step]
     editor.reset()
     editor.load_state_dict(state0)
     return {"session": session, "batch": batch, "state0": state0, "after_clean": after_clean, "norms": norms}
@@ -155,7 +155,8 @@ def test_refusal_inside_evaluation_is_counted_and_restored(setup, monkeypatch):
 def _trainer_setup(regime):
     cfg = load("emsedit", mode=regime, overrides=TINY + ["train.n_batches=3", "data.n_edits=4", "train.meta_lr=1e-3"])
     session = api.open_session(cfg)
-    batches = api.make_batches(session.tokenizer, bundled_facts("train"), 4, 3, cfg, session.device, shuffle_seed=0)
+    batches = api.make_batches(session.tokenizer, bundled_facts("train"), 4, 3, cfg.train.micro_batch,
+                               cfg.model.max_length, session.device, shuffle_seed=0)
     return cfg, session, batches
 
 

@@ -35,9 +35,8 @@ from emsedit_fast.data.schemas import PLAIN_KEYS
 from emsedit_fast.data.schemas import DataError
 from emsedit_fast.data.schemas import load_records
 from emsedit_fast.journal import Journal
-from emsedit_fast.journal import apply_edit_
-from emsedit_fast.journal import factors_from_applied
-from emsedit_fast.journal import weights_by_name
+from emsedit_fast.updates import apply_edit_
+from emsedit_fast.editfiles import weights_by_name
 
 FIXTURES = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
@@ -356,7 +355,7 @@ def test_edit_revert_sequences_return_the_original_bits(tiny, program, final_ord
                 snapshot = [w.clone() for w in editor.weights()]
                 entry = editor.edit(pool[i % N_POOL])
                 live.append(entry.edit_id)
-                factors[entry.edit_id] = factors_from_applied(editor, entry)
+                factors[entry.edit_id] = entry.cpu()
                 before[entry.edit_id] = snapshot
             else:
                 edit_id = live[i % len(live)]
@@ -387,7 +386,7 @@ def test_journal_sequences_materialise_the_live_weights(tiny, program):
     revert, rebuilding a fresh copy of the base weights from the journal equals the live weights bit for bit, and
     reverting everything in the journal gives back W0. (A fifth of the profile's examples: every step writes and
     fsyncs files.)"""
-    from emsedit_fast.edit import journal_header
+    from emsedit_fast.editfiles import base_header as journal_header
 
     session, pool = tiny["session"], tiny["pool"]
     editor = session.editor
@@ -402,7 +401,7 @@ def test_journal_sequences_materialise_the_live_weights(tiny, program):
         for op, i in program:
             if op == "edit" or not journal.active_ids():
                 entry = editor.edit(pool[i % N_POOL])
-                line = journal.record(factors_from_applied(editor, entry), {}, header)
+                line = journal.record(entry.cpu(), {}, header)
                 ids[line["id"]] = entry.edit_id
             else:
                 active = journal.active_ids()
