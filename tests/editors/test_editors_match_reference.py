@@ -20,7 +20,7 @@ from emsedit_fast.models.tiny import tiny_gpt2
 from emsedit_fast.models.tiny import tiny_llama
 from emsedit_fast.models.tiny import tiny_tokenizer
 from emsedit_fast.testing import assert_close_to_reference
-from emsedit_fast.training import MetaTrainer
+from emsedit_fast.trainer import MetaTrainer
 
 CASES = [("emsedit", "sequential"), ("emsedit", "batch"), ("malmen", "batch"), ("rledit", "sequential"),
          ("mend", "batch")]
