@@ -37,6 +37,8 @@ from emsedit_fast.data.collate import TokenBatch
 from emsedit_fast.data.collate import collate
 from emsedit_fast.data.collate import record_tuples
 from emsedit_fast.data.schemas import EditRecord
+from emsedit_fast.models.hooks import answer_positions
+from emsedit_fast.models.hooks import logits_at
 
 logger = logging.getLogger(__name__)
 
@@ -222,10 +224,13 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def _forward_logits(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    logits = out.logits if hasattr(out, "logits") else out[0]
-    return logits.float()  # all metrics are defined on fp32 logits (METHOD.md 16)
+def _forward_logits(model: torch.nn.Module, batch: TokenBatch, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 logits (B, T', V) at sequence positions `keep` (all when None): every metric reads answer positions
+    only, so the language-model head runs there alone (`models.hooks.logits_at`). Metrics are defined on fp32."""
+    with logits_at(model, keep) as cut:
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        logits = cut(out.logits if hasattr(out, "logits") else out[0])
+    return logits.float()
 
 
 @dataclass
@@ -262,21 +267,24 @@ def _run_pass(model: torch.nn.Module, batch: TokenBatch, device: torch.device, w
     acc, wins, scored, logprob, agree, argmax = [], [], [], [], [], []
     for mb in batch.micro_batches():
         mb = mb.to(device)
-        logits = _forward_logits(model, mb)
+        keep = answer_positions(mb.labels)  # every metric reads the answer positions only
+        logits = _forward_logits(model, mb, keep)
+        labels = mb.labels.index_select(1, keep)
         if "accuracy" in want:
-            acc.append(token_accuracy(logits, mb.labels).cpu())
+            acc.append(token_accuracy(logits, labels).cpu())
         if "margin" in want:
-            foil = mb.foil_labels if mb.foil_labels is not None else torch.full_like(mb.labels, IGNORE_INDEX)
-            w, s = margin_success(logits, mb.labels, foil)
+            foil = (mb.foil_labels.index_select(1, keep) if mb.foil_labels is not None
+                    else torch.full_like(labels, IGNORE_INDEX))
+            w, s = margin_success(logits, labels, foil)
             wins.append(w.cpu())
             scored.append(s.cpu())
         if "logprob" in want:
-            logprob.append(sequence_logprob(logits, mb.labels).cpu())
+            logprob.append(sequence_logprob(logits, labels).cpu())
         if "agreement" in want:
-            agree.append(token_agreement(logits, _ref_tensor(ref, mb), mb.labels).cpu())
+            agree.append(token_agreement(logits, _ref_tensor(ref, mb).index_select(1, keep), labels).cpu())
         if "argmax" in want:
-            pred = answer_argmax(logits, mb.labels).cpu()
-            mask = (mb.labels != IGNORE_INDEX).cpu()
+            pred = answer_argmax(logits, labels).cpu()
+            mask = (labels != IGNORE_INDEX).cpu()
             argmax.extend(pred[r][mask[r]] for r in range(pred.shape[0]))
         bar.update(1)
 

@@ -1,9 +1,9 @@
 """Hypernetwork parameters and state. All compute goes through emsedit_fast.ops (backend chosen per call).
 
 One `HyperNet` serves one shape group (all edited layers with the same (d_in, d_out, layout)) at one MSBP step
-(sequential regime) or at every step (batch regime). It owns a running normaliser over D = d_in + d_out, n_blocks
+(sequential mode) or at every step (batch mode). It owns a running normaliser over D = d_in + d_out, n_blocks
 residual low-rank blocks, and per-layer rows: s_b, t_b (scale/shift per block), eta (step size) and log_ridge.
-METHOD.md sections 5 and 6.
+See docs/method.md, "Running normaliser" and "Hypernetwork".
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from emsedit_fast import ops
-from emsedit_fast.reference.running_stats import EPS
 
 
 class RunningStats(nn.Module):
@@ -88,7 +87,7 @@ class HyperNet(nn.Module):
         """
         mean = self.stats.mean if mean is None else mean
         std = self.stats.scale() if std is None else std
-        z = ops.running_stats_normalize(keys, value_grads, mean, std, EPS, backend=backend)
+        z = ops.running_stats_normalize(keys, value_grads, mean, std, ops.NORM_EPS, backend=backend)
         for a, b, c, s, t in zip(self.a, self.b, self.c, self.s, self.t):
             z = ops.hypernet_block(z, a, b, c, s, t, idx, relu_first=self.relu_first, backend=backend)
         return z

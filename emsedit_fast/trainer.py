@@ -33,7 +33,9 @@ from emsedit_fast.editors.editor import drift_sq_norm
 from emsedit_fast.losses import answer_ce
 from emsedit_fast.losses import answer_kl
 from emsedit_fast.models.hooks import FactoredGrads
+from emsedit_fast.models.hooks import answer_positions
 from emsedit_fast.models.hooks import factored_weight_grads
+from emsedit_fast.models.hooks import logits_at
 
 log = logging.getLogger(__name__)
 
@@ -86,17 +88,25 @@ class MetaTrainer:
     # losses and weight gradients
 
     def _reference_logits(self, batch) -> torch.Tensor:
-        """p_ref logits on the unrelated prompts: before the current edit (pre_batch) or on W0 (original)."""
+        """p_ref logits on the unrelated prompts, before the current edit (pre_batch) or on W0 (original): at the
+        positions the KL reads only (`_kl_positions`), (B, T', V)."""
         model = self.editor.model
         with torch.no_grad():
             if self.cfg.kl_reference == "original":
                 current = ops.snapshot(self.editor.weights())
                 ops.restore_(self.editor.weights(), self.editor.base, backend=self.editor.backend)
             try:
-                return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.detach()
+                with logits_at(model, self._kl_positions(batch)) as cut:
+                    return cut(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits).detach()
             finally:
                 if self.cfg.kl_reference == "original":
                     ops.restore_(self.editor.weights(), current, backend=self.editor.backend)
+
+    def _kl_positions(self, unrel) -> torch.Tensor:
+        """Where the KL term reads logits: the answer positions, or every position (kl_positions = all)."""
+        if self.cfg.kl_positions == "all":
+            return torch.arange(unrel.input_ids.shape[1], device=unrel.input_ids.device)
+        return answer_positions(unrel.labels)
 
     def weight_grads(self, terms: list[tuple[float, object, torch.Tensor | None]], drift_steps: list | None = None
                      ) -> tuple[float, dict[str, WeightGrad]]:
@@ -111,19 +121,25 @@ class MetaTrainer:
         parts: list[FactoredGrads] = []
         for weight, tuples, ref in terms:
             equiv = tuples.equiv
+            keep = answer_positions(equiv.labels)  # logits only where the loss reads them
 
-            def ce(logits, equiv=equiv, w=weight):
-                return w * cfg.edit_coef * answer_ce(logits, equiv.labels, equiv.micro_batch, cfg.loss_reduction)
+            def ce(logits, labels=equiv.labels.index_select(1, keep), equiv=equiv, w=weight):
+                return w * cfg.edit_coef * answer_ce(logits, labels, equiv.micro_batch, cfg.loss_reduction)
 
-            parts.append(factored_weight_grads(editor.model, modules, equiv.input_ids, equiv.attention_mask, ce))
+            parts.append(factored_weight_grads(editor.model, modules, equiv.input_ids, equiv.attention_mask, ce,
+                                               logit_positions=keep))
             if ref is not None:
                 unrel = tuples.unrel
+                keep = self._kl_positions(unrel)
 
-                def kl(logits, unrel=unrel, ref=ref, w=weight):
-                    return w * cfg.loc_coef * answer_kl(ref, logits, unrel.labels, unrel.micro_batch, cfg.kl_positions,
-                                                        unrel.attention_mask, cfg.loss_reduction)
+                def kl(logits, unrel=unrel, ref=ref, w=weight, keep=keep):
+                    return w * cfg.loc_coef * answer_kl(ref, logits, unrel.labels.index_select(1, keep),
+                                                        unrel.micro_batch, cfg.kl_positions,
+                                                        unrel.attention_mask.index_select(1, keep),
+                                                        cfg.loss_reduction)
 
-                parts.append(factored_weight_grads(editor.model, modules, unrel.input_ids, unrel.attention_mask, kl))
+                parts.append(factored_weight_grads(editor.model, modules, unrel.input_ids, unrel.attention_mask, kl,
+                                                   logit_positions=keep))
         merged = FactoredGrads.merge(parts)
         loss = merged.loss
         coef = cfg.reg_coef if cfg.loss == "l2" else 0.0
@@ -288,13 +304,7 @@ class MetaTrainer:
         """Everything a resumed run needs to end exactly where an uninterrupted one would: optimiser, step, report,
         and in the sequential mode the current (edited) weights and the recent batches with their reference
         logits (kept only at the answer positions the KL loss reads, when kl_positions = answer)."""
-        recent = []
-        for tuples, ref in self.recent:
-            if ref is not None and self.cfg.kl_positions == "answer":
-                ref = ("answer", ref[tuples.unrel.labels != -100].cpu(), tuple(ref.shape))
-            elif ref is not None:
-                ref = ("all", ref.cpu(), tuple(ref.shape))
-            recent.append((tuples, ref))
+        recent = [(tuples, None if ref is None else ("kept", ref.cpu(), tuple(ref.shape))) for tuples, ref in self.recent]
         sequential = self.editor.mode == "sequential"
         return {"optimizer": self.optimizer.state_dict(), "step": self.step,
                 "report": {"steps": self.report.steps, "skipped": self.report.skipped,
@@ -314,10 +324,12 @@ class MetaTrainer:
         for tuples, ref in state.get("recent", []):
             if ref is not None:
                 how, values, shape = ref
-                if how == "answer":  # zeros elsewhere: the answer-position KL never reads them
+                if how == "answer":  # older states: full-length logits stored at the answer positions only
                     full = torch.zeros(shape, dtype=values.dtype)
                     full[tuples.unrel.labels.cpu() != -100] = values
                     values = full
+                if how in ("answer", "all"):  # older states hold every position: keep the KL's
+                    values = values.index_select(1, self._kl_positions(tuples.unrel).cpu())
                 ref = values.to(tuples.unrel.labels.device)
             self.recent.append((tuples, ref))
 

@@ -25,6 +25,7 @@ is also (micro-batch, sequence, position) order. Neither function calls `model.t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from collections.abc import Sequence
@@ -223,6 +224,48 @@ def _check_modules(model: nn.Module, modules: Sequence[EditedModule]) -> None:
                          f"another model instance?)")
 
 
+@contextlib.contextmanager
+def logits_at(model: nn.Module, keep: torch.Tensor | None):
+    """Within the block, the model's language-model head runs only at sequence positions `keep` (T',) int64: its
+    input hidden states (B, T, H) are cut to (B, T', H) by a forward pre-hook, so the model returns logits (B, T', V)
+    for those positions, the same values full logits hold there. Losses and metrics read only answer positions, and
+    the head (V x H per token, plus the softmax over V) is a large share of a small model's pass.
+
+    Yields `cut(logits)`, which returns the logits at `keep` whether or not the head was cut (a model without an
+    output-embedding module computes full logits; they are selected afterwards). keep None: full logits."""
+    head = model.get_output_embeddings() if keep is not None and hasattr(model, "get_output_embeddings") else None
+    fired = []
+
+    def cut(logits: torch.Tensor) -> torch.Tensor:
+        if keep is None or fired:
+            return logits
+        return logits.index_select(1, keep.to(logits.device))
+
+    if head is None:
+        yield cut
+        return
+
+    def pre_hook(module, args):
+        hidden = args[0]
+        if hidden.dim() != 3:
+            return None
+        fired.append(True)
+        return (hidden.index_select(1, keep.to(hidden.device)),) + tuple(args[1:])
+
+    handle = head.register_forward_pre_hook(pre_hook)
+    try:
+        yield cut
+    finally:
+        handle.remove()
+
+
+def answer_positions(*labels: torch.Tensor | None) -> torch.Tensor:
+    """The sequence positions (T',) int64 where any row of any of `labels` (B, T) holds a label: what `logits_at`
+    keeps for a loss or metric that reads answer positions only."""
+    present = [lab != IGNORE_INDEX for lab in labels if lab is not None]
+    return torch.stack(present).any(0).any(0).nonzero().squeeze(1)
+
+
 def _logits_of(out) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
@@ -233,8 +276,9 @@ def _logits_of(out) -> torch.Tensor:
 def _tapped_backward(model: nn.Module, modules: Sequence[EditedModule], input_ids: torch.Tensor,
                      attention_mask: torch.Tensor | None, select: torch.Tensor,
                      loss_fn: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype,
-                     device: torch.device | str | None, pin_memory: bool):
-    """One forward + autograd.grad w.r.t. the edited outputs; rows gathered at `select` (B, T) bool."""
+                     device: torch.device | str | None, pin_memory: bool, keep: torch.Tensor | None = None):
+    """One forward + autograd.grad w.r.t. the edited outputs; rows gathered at `select` (B, T) bool. keep: the
+    logits' positions (see `logits_at`; loss_fn then receives logits (B, T', V))."""
     _check_modules(model, modules)
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (B, T), got {tuple(input_ids.shape)}")
@@ -253,8 +297,8 @@ def _tapped_backward(model: nn.Module, modules: Sequence[EditedModule], input_id
     if getattr(getattr(model, "config", None), "use_cache", None) is not None:
         kwargs["use_cache"] = False  # a KV cache is useless here and costs memory
     tap = _Tap(modules, flat_index, batch * seq, dtype, device, pin_memory)
-    with _FrozenParameters(model), tap, torch.enable_grad():
-        logits = _logits_of(model(**kwargs))
+    with _FrozenParameters(model), tap, torch.enable_grad(), logits_at(model, keep) as cut:
+        logits = cut(_logits_of(model(**kwargs)))
         tap.check_calls()
         loss = loss_fn(logits)
         del logits
@@ -320,11 +364,14 @@ def capture(model: nn.Module, modules: Sequence[EditedModule], input_ids: torch.
     if micro_batch is not None and tuple(micro_batch.shape) != (input_ids.shape[0],):
         raise ValueError(f"micro_batch must be ({input_ids.shape[0]},), got {tuple(micro_batch.shape)}")
 
+    keep = answer_positions(labels)  # logits only where the loss reads them
+    kept_labels = labels.index_select(1, keep)
+
     def loss_fn(logits):
-        return answer_ce(logits, labels.to(logits.device), micro_batch, reduction)
+        return answer_ce(logits, kept_labels.to(logits.device), micro_batch, reduction)
 
     keys, grads, loss, flat_index, n = _tapped_backward(model, modules, input_ids, attention_mask, select, loss_fn,
-                                                        dtype, device, pin_memory)
+                                                        dtype, device, pin_memory, keep)
     seq = input_ids.shape[1]
     rows = torch.div(flat_index, seq, rounding_mode="floor")
     row_mb = micro_batch.to(rows.device)[rows].long() if micro_batch is not None else None
@@ -336,7 +383,8 @@ def capture(model: nn.Module, modules: Sequence[EditedModule], input_ids: torch.
 def factored_weight_grads(model: nn.Module, modules: Sequence[EditedModule], input_ids: torch.Tensor,
                           attention_mask: torch.Tensor | None, loss_fn: Callable[[torch.Tensor], torch.Tensor],
                           positions: torch.Tensor | None = None, *, dtype: torch.dtype = torch.float32,
-                          device: torch.device | str | None = None) -> FactoredGrads:
+                          device: torch.device | str | None = None,
+                          logit_positions: torch.Tensor | None = None) -> FactoredGrads:
     """Meta-loss pass (§18.4): inputs X' and output-gradients Δ' of the edited modules, G_ℓ = Δ'ᵀ X' in factored form.
 
         L = loss_fn(logits),   X'_ℓ[j] = u_{t_j},   Δ'_ℓ[j] = ∂L/∂v_{t_j},   ∂L/∂W_ℓ = Σ_j Δ'_ℓ[j]ᵀ X'_ℓ[j]  (exact)
@@ -347,12 +395,14 @@ def factored_weight_grads(model: nn.Module, modules: Sequence[EditedModule], inp
     influence the loss: with right padding, pad positions only feed later pads, so their δ is exactly 0.
     Gradients w.r.t. the weights are never formed (same no-dense-grad mechanism as `capture`). Returns
     `FactoredGrads` (factors, not dense gradients; `.dense(name)` builds G_ℓ on request).
+    logit_positions: (T',) sequence positions the loss reads (`answer_positions`); loss_fn then receives logits
+    (B, T', V) computed there only (`logits_at`). None: full logits.
     """
     if positions is None:
         positions = selection_mask(None, attention_mask, "all", shape=tuple(input_ids.shape))
         positions = positions.to(input_ids.device)
     inputs, grads, loss, _, n = _tapped_backward(model, modules, input_ids, attention_mask, positions, loss_fn, dtype,
-                                                 device, False)
+                                                 device, False, logit_positions)
     return FactoredGrads(inputs=inputs, output_grads=grads, loss=loss, n_rows=n)
 
 
