@@ -1,5 +1,5 @@
 // Device-agnostic implementation of ridge_solve / ridge_solve_backward (reference: emsedit_fast/reference/ridge.py;
-// METHOD.md 7.3-7.5, 8.2), shared by csrc/cpu/ridge.cpp and csrc/cuda/ridge.cu. It is built from ATen calls only
+// docs/method.md, "Ridge least squares" and "Meta-gradient"), shared by csrc/cpu/ridge.cpp and csrc/cuda/ridge.cu. It is built from ATen calls only
 // (batched GEMM, Cholesky, triangular/inverse solves), so the same code runs on whichever device the registration
 // routes to; each device file only registers it.
 //
@@ -69,10 +69,12 @@ inline at::Tensor gram(const at::Tensor& keys, const at::Tensor& beta, Form form
 // retry. Returns X in rhs's dtype.
 //
 // With a wide right-hand side (k >= m, the usual case: n x n systems with d_out columns) X = (L L^T)^-1 rhs is formed
-// as cholesky_inverse(L) @ rhs: the m^3 inverse is cheap next to the 2 m^2 k product, which then runs as one batched
-// GEMM at full BLAS speed. The two triangular solves of cholesky_solve do the same flops at a fraction of the speed
-// (measured 4x slower for m = 256, k = 14336), with a forward error of the same order (cond(G) eps; the ridge
-// bounds cond(G)). Narrow right-hand sides use cholesky_solve.
+// as G^-1 rhs with G^-1 = L^-T L^-1: L^-1 by one triangular solve against the identity (m^3 / 3 flops), G^-1 by one
+// batched GEMM (m^3), then one batched GEMM with rhs (2 m^2 k), which dominates and runs at full BLAS speed. The two
+// triangular solves of cholesky_solve do the same 2 m^2 k flops at a fraction of that speed (measured 2x slower at
+// m = 1024, k = 14336), and LAPACK's cholesky_inverse (potri) has many more synchronisation points: on shared,
+// oversubscribed cores it took 0.1 to 5 s for m = 1024 where this takes 0.15 s. The forward error is of the same
+// order as a solve's (cond(G) eps; the ridge bounds cond(G)). Narrow right-hand sides use cholesky_solve.
 inline at::Tensor solve_spd(const at::Tensor& g, const at::Tensor& rhs,
                             const std::function<at::Tensor(int64_t)>& gram_f64, const char* op) {
   auto [chol, info] = at::linalg_cholesky_ex(g, /*upper=*/false, /*check_errors=*/false);
@@ -80,11 +82,13 @@ inline at::Tensor solve_spd(const at::Tensor& g, const at::Tensor& rhs,
   const bool any_failed = failed.any().item<bool>();
   at::Tensor x;
   if (rhs.size(2) >= g.size(1)) {
+    const at::Tensor eye = at::eye(g.size(1), chol.options()).expand_as(chol);
     if (any_failed) {
-      // cholesky_inverse raises on a singular factor: give failed layers an identity factor (redone below anyway)
-      chol = at::where(failed.view({-1, 1, 1}), at::eye(g.size(1), chol.options()).expand_as(chol), chol);
+      // a failed factor may hold zero or NaN pivots: give those layers the identity (they are redone below anyway)
+      chol = at::where(failed.view({-1, 1, 1}), eye, chol);
     }
-    x = at::bmm(at::cholesky_inverse(chol, /*upper=*/false), rhs);  // (L, m, k)
+    const at::Tensor linv = at::linalg_solve_triangular(chol, eye, /*upper=*/false);  // L^-1 (L, m, m)
+    x = at::bmm(at::bmm(linv.transpose(1, 2), linv), rhs);                             // (L, m, k)
   } else {
     // LAPACK hands back a column-major batch: return the row-major layout the op (and its fake kernel) promise
     x = at::cholesky_solve(rhs, chol, /*upper=*/false).contiguous();  // (L, m, k)
