@@ -1,21 +1,25 @@
 """Launch configuration shared by every Triton kernel: interpreter detection, block sizes, num_warps, dot precision.
 
-Two regimes (DESIGN.md section 4.2):
+Two regimes (docs/architecture.md, "Ops layer"):
 
-- **CUDA.** Kernels whose outputs are fresh tensors are wrapped in `triton.autotune` over a few sane configs keyed on
-  their sizes. In-place kernels (apply_deltas, restore, the running-stats merge) are *not* autotuned: benchmarking
-  would apply the update several times, and a tuned block size would change the reduction order between processes,
-  which breaks bit-exact replay. They pick one config from the problem size instead (`pick`).
-- **Interpreter** (TRITON_INTERPRET=1, CPU tensors). Autotune needs a GPU benchmarker, so each kernel gets one fixed
-  config with large blocks: every program instance costs about 0.4 ms of Python, so fewer, bigger programs win.
+- **CUDA.** Kernels whose outputs are fresh tensors are wrapped in `triton.autotune` over a few sane configs. The
+  autotune keys hold sizes rounded up to a power of two (`bucket`): the row count changes with every edit batch, and
+  an exact key would re-tune for each new batch size. In-place kernels (apply_deltas, restore, the running-stats
+  merge) are *not* autotuned: benchmarking would apply the update several times, and a tuned block size would change
+  the reduction order between processes, which breaks bit-exact replay. They pick one config from the problem size
+  instead (`pick`).
+- **Interpreter** (TRITON_INTERPRET=1, CPU tensors; the correctness tier). Autotune needs a GPU benchmarker, so each
+  kernel gets one fixed config of small blocks (`INTERPRET_BLOCK` = 16, the smallest `tl.dot` accepts): the tests'
+  shapes then span several tiles in every dimension, so multi-tile loops, rank chunks, row splits and masked edge
+  tiles all run on the CPU. Blocks shrink further only for problems smaller than one block.
   `tl.dot` on bf16 operands is wrong in the interpreter; every dot operand in these kernels is fp32 (or fp64) by op
   contract (hypernetwork, factors and keys are fp32; only model weights are bf16, and they appear in epilogues), so
   no upcast flag is needed.
 
 Dot precision: fp32 `tl.dot` is IEEE by default here ("ieee": FMA, no tensor cores). The hypernetwork GEMMs and the
 low-rank weight update follow PyTorch's global switch, as their torch references do:
-`torch.set_float32_matmul_precision("high")` -> TF32 tensor cores (METHOD.md section 6.4 allows it as an option).
-The ridge products always stay IEEE fp32 (the solve stays fp32, section 7.5).
+`torch.set_float32_matmul_precision("high")` -> TF32 tensor cores. The ridge products always stay IEEE fp32 (the
+solve stays fp32).
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# The block size of every dot dimension under the interpreter (see the module docstring).
+INTERPRET_BLOCK = 32
+
+
 def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
@@ -39,6 +47,11 @@ def cdiv(a: int, b: int) -> int:
 def next_pow2(x: int, minimum: int = 16) -> int:
     """Smallest power of two >= max(x, minimum); `tl.dot` needs every block dimension >= 16."""
     return max(minimum, triton.next_power_of_2(max(int(x), 1)))
+
+
+def bucket(x: int) -> int:
+    """Autotune-key value of a size: the next power of two (>= 1), so nearby sizes share one tuning."""
+    return triton.next_power_of_2(max(int(x), 1))
 
 
 def dot_precision() -> str:
@@ -82,8 +95,8 @@ class Tuned:
     meta: dict = field(default_factory=dict)
 
     def launch_meta(self, **dims: int) -> dict:
-        """Meta-parameters for one launch. Under the interpreter each fixed block size named in `dims` shrinks to the
-        problem (next power of two >= 16): padded lanes cost numpy time there, and small tests need one program."""
+        """Meta-parameters for one launch. Under the interpreter a fixed block size named in `dims` shrinks to a
+        problem smaller than the block (next power of two >= 16): padded lanes only cost numpy time there."""
         return {k: min(v, next_pow2(dims[k])) if k in dims else v for k, v in self.meta.items()}
 
 

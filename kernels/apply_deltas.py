@@ -1,5 +1,5 @@
 """Triton kernels of the grouped in-place weight updates (reference: emsedit_fast/reference/apply_deltas.py;
-METHOD.md section 7.6 and 18.3 F5).
+docs/method.md, "Applying and undoing an update" and "Fused operations").
 
     low rank:  W_l <- round(W_l + alpha_l * M_l^T K_l)      M_l (n_l, d_out), K_l (n_l, d_in) fp32
     dense:     W_l <- round(W_l + alpha_l * S_l^T)          S_l (d_in, d_out) fp32
@@ -136,12 +136,14 @@ def _low_rank_config(d_out, d_in, n_max):
     big = d_out * d_in >= (1 << 20)
     cuda = dict(BLOCK_O=128 if big else 64, BLOCK_I=128 if big else 64, BLOCK_K=32 if n_max > 16 else 16,
                 num_warps=8 if big else 4, num_stages=3)
-    return _common.pick(dict(BLOCK_O=128, BLOCK_I=128, BLOCK_K=256), cuda, BLOCK_O=d_out, BLOCK_I=d_in,
+    b = _common.INTERPRET_BLOCK
+    return _common.pick(dict(BLOCK_O=b, BLOCK_I=b, BLOCK_K=b), cuda, BLOCK_O=d_out, BLOCK_I=d_in,
                         BLOCK_K=n_max)
 
 
 def _dense_config(d_out, d_in):
-    return _common.pick(dict(BLOCK_O=128, BLOCK_I=128), dict(BLOCK_O=64, BLOCK_I=64, num_warps=4), BLOCK_O=d_out,
+    b = _common.INTERPRET_BLOCK
+    return _common.pick(dict(BLOCK_O=b, BLOCK_I=b), dict(BLOCK_O=64, BLOCK_I=64, num_warps=4), BLOCK_O=d_out,
                         BLOCK_I=d_in)
 
 

@@ -1,30 +1,33 @@
 """Triton kernels of the low-rank residual hypernetwork block (reference: emsedit_fast/reference/hypernet_block.py;
-METHOD.md sections 6.1, 8.4 and 18.3 F1/F2).
+docs/method.md, "Hypernetwork", "Meta-gradient" and "Fused operations").
 
 Rows z (N, D) of every same-shape layer are stacked with a layer index idx (N,), so A (D, r) and B (r, D) are read
 once per row tile for all layers instead of once per layer:
 
     act = z0 A (N, r);  p = act B + c (N, D)
     relu_first:  h = s[idx] * relu(p) + t[idx]      otherwise:  h = relu(s[idx] * p + t[idx])
-    z' = z0 + h,        z0 = z, or (x - mean) / (std + 2^-23) when the normaliser is folded in (F1)
+    z' = z0 + h,        z0 = z, or (x - mean) / (std + 2^-23) when the normaliser is folded in
 
-relu'(0) = 1: the backward masks with p >= 0 (or pre >= 0), as the reference.
+The nonlinearity acts on p, the D side: p needs the full rank-r sum, so GEMM2 accumulates over rank chunks before
+the epilogue, and the rank side (act) is linear. relu'(0) = 1: the backward masks with p >= 0 (or pre >= 0).
 
-Forward:
-  - rank <= FUSED_MAX_RANK: `_hypernet_block_fwd_kernel`, one program per row tile. GEMM1 keeps act (BLOCK_N x r)
-    in registers; GEMM2 loops over D column tiles with the whole block in its epilogue (+c, relu, s/t gather by idx,
-    residual). Bytes per row: reads x once for GEMM1 and once for the residual, writes z' once; act never leaves the
-    SM; A and B are read once per row tile.
-  - larger ranks (act does not fit in registers): `_hypernet_block_rowgemm_kernel` writes act (N x r fp32, small
-    next to z) and `_hypernet_block_expand_kernel` does GEMM2 with the same epilogue.
-Backward (METHOD.md 8.4), recomputing the forward; every reduction has a fixed order (no float atomics):
-  act = z0 A                                    rowgemm (normalising prologue)
-  p = act B + c                                 expand kernel, storing p
-  pi, grad_s, grad_t per layer                  `_hypernet_block_bwd_kernel`: rows grouped by layer through a stable
-                                                sort of idx; pi overwrites p in place
-  grad_c = sum_l pisum_l                        torch sum over L rows
-  alpha = pi B^T, grad_z = (gamma + alpha A^T) / (std + eps)      rowgemm (residual and scaling epilogue)
-  grad_a = z0^T alpha, grad_b = act^T pi        `_hypernet_block_wgrad_bwd_kernel` (K loop over rows)
+Forward, one kernel for every rank (`_hypernet_block_fwd_kernel`, one program per tile of BLOCK_N rows):
+  1. act = z0 A, BLOCK_R rank columns at a time (K loop over D, normalising prologue), into a per-row-tile slice of
+     an (N, r) scratch buffer that only this program writes and reads back: it stays in L1/L2.
+  2. for each BLOCK_D column tile: p = sum over rank chunks act[:, chunk] B[chunk, cols] (GEMM2 accumulated in
+     registers), then the whole block in the epilogue (+c, relu, s/t gathered by idx, residual z0) and one store.
+  Bytes per row: z read once per rank chunk for GEMM1 (L2 hits for all but the first) and once for the residual, z'
+  written once; act (r fp32 per row, r/D of z) written once; p never leaves registers. A and B are read once per
+  row tile.
+Backward, recomputing the forward; every reduction has a fixed order (no float atomics), so it is deterministic:
+  act = z0 A                                          `_hypernet_block_rowgemm_kernel` (normalising prologue)
+  p = act B + c, then pi, grad_s, grad_t per layer    `_hypernet_block_pi_bwd_kernel`: one program per (layer,
+                                                      column tile) walks that layer's rows (a stable sort of idx),
+                                                      recomputes its p tile and writes only pi = s * gamma * mask
+  grad_c = sum_l pisum_l                              torch sum over L rows
+  alpha = pi B^T, grad_z = (gamma + alpha A^T) [/ (std + eps)]   `_hypernet_block_dz_bwd_kernel`: the forward's
+                                                      two-phase structure (alpha kept for grad_a)
+  grad_a = z0^T alpha, grad_b = act^T pi              `_hypernet_block_wgrad_bwd_kernel` (K loop over rows)
 """
 
 from __future__ import annotations
@@ -38,9 +41,6 @@ from torch.library import wrap_triton
 from emsedit_fast.reference.running_stats import EPS
 
 from . import _common
-
-# Largest (padded) rank whose GEMM1 result stays in registers in the fused forward: 64 x BLOCK_N fp32 accumulators.
-FUSED_MAX_RANK = 64
 
 
 @triton.jit
@@ -75,6 +75,45 @@ def _block_epilogue(p, c_ptr, s_ptr, t_ptr, layer, cols, row_ok, col_ok, stride_
 
 
 @triton.jit
+def _project_rows(x_ptr, mean_ptr, std_ptr, y_ptr, out_ptr, rows, row_ok, k_dim, j_dim, stride_xm, stride_yk,
+                  stride_yj, stride_om, NORM_X: tl.constexpr, EPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """out[rows, :] = x0[rows, :] @ Y (k_dim, j_dim), BLOCK_R output columns at a time (K loop over k_dim).
+
+    x0 is x, or x normalised on load (NORM_X). Y is addressed through its strides, so A, and B^T read from B, need no
+    copies. Used for act = z0 A (forward) and alpha = pi B^T (backward); the caller reads `out` back after a barrier.
+    """
+    for j0 in range(0, j_dim, BLOCK_R):
+        jj = j0 + tl.arange(0, BLOCK_R)
+        j_ok = jj < j_dim
+        acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, k_dim, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = kk < k_dim
+            x = _load_input(x_ptr, mean_ptr, std_ptr, rows, kk, row_ok, k_ok, stride_xm, NORM_X, EPS)
+            y = tl.load(y_ptr + kk[:, None] * stride_yk + jj[None, :] * stride_yj,
+                        mask=k_ok[:, None] & j_ok[None, :], other=0.0)
+            acc = tl.dot(x, y, acc, input_precision=DOT_PRECISION)
+        tl.store(out_ptr + rows[:, None] * stride_om + jj[None, :], acc, mask=row_ok[:, None] & j_ok[None, :])
+
+
+@triton.jit
+def _expand_tile(act_ptr, y_ptr, rows, row_ok, cols, col_ok, rank, stride_actm, stride_yk, stride_yj,
+                 DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """act[rows, :] @ Y[:, cols] (BLOCK_N, BLOCK_D) fp32, accumulated over rank chunks of BLOCK_R (GEMM2)."""
+    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for r0 in range(0, rank, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        r_ok = rr < rank
+        act = tl.load(act_ptr + rows[:, None] * stride_actm + rr[None, :], mask=row_ok[:, None] & r_ok[None, :],
+                      other=0.0)
+        y = tl.load(y_ptr + rr[:, None] * stride_yk + cols[None, :] * stride_yj, mask=r_ok[:, None] & col_ok[None, :],
+                    other=0.0)
+        acc = tl.dot(act, y, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _hypernet_block_fwd_kernel(
     z_ptr,  # (N, D) fp32 rows: z, or raw x when NORMALIZE; row stride stride_zm
     a_ptr,  # (D, r) fp32 A, row stride stride_am
@@ -85,14 +124,17 @@ def _hypernet_block_fwd_kernel(
     idx_ptr,  # (N,) int64 layer of each row
     mean_ptr,  # (D,) fp32 normaliser mean (read only when NORMALIZE)
     std_ptr,  # (D,) fp32 normaliser std (read only when NORMALIZE)
+    act_ptr,  # (N, r) fp32 scratch: act = z0 A, written and read back by the program owning the rows
     out_ptr,  # (N, D) fp32 out z', row stride stride_om
     n_rows,
+    rows_bucket,  # next power of two >= n_rows: the autotune key (one tuning per bucket, not per batch size)
     d_total,  # D
-    rank,  # r <= R_PAD
+    rank,  # r
     stride_zm,
     stride_am,
     stride_bm,
     stride_sl,
+    stride_actm,
     stride_om,
     RELU_FIRST: tl.constexpr,  # True: s * relu(p) + t; False: relu(s * p + t) (MEND)
     NORMALIZE: tl.constexpr,  # fold the normaliser into GEMM1's prologue and the residual
@@ -101,29 +143,23 @@ def _hypernet_block_fwd_kernel(
     BLOCK_N: tl.constexpr,  # rows per program
     BLOCK_K: tl.constexpr,  # D columns per step of GEMM1's K loop
     BLOCK_D: tl.constexpr,  # output columns per step of GEMM2
-    R_PAD: tl.constexpr,  # rank padded to a power of two >= 16 (masked)
+    BLOCK_R: tl.constexpr,  # rank columns per chunk (GEMM1 output chunk, GEMM2 K step)
 ):
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # int64: offsets can pass 2^31
     row_ok = rows < n_rows
-    rr = tl.arange(0, R_PAD)
-    r_ok = rr < rank
 
-    # GEMM1: act = z0 A, (BLOCK_N, R_PAD) kept in registers.
-    act = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
-    for k0 in range(0, d_total, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = kk < d_total
-        x = _load_input(z_ptr, mean_ptr, std_ptr, rows, kk, row_ok, k_ok, stride_zm, NORMALIZE, EPS)
-        a = tl.load(a_ptr + kk[:, None] * stride_am + rr[None, :], mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-        act = tl.dot(x, a, act, input_precision=DOT_PRECISION)
+    # 1. act = z0 A for this program's rows, rank chunk by rank chunk, into its slice of the scratch buffer.
+    _project_rows(z_ptr, mean_ptr, std_ptr, a_ptr, act_ptr, rows, row_ok, d_total, rank, stride_zm, stride_am, 1,
+                  stride_actm, NORMALIZE, EPS, DOT_PRECISION, BLOCK_N, BLOCK_K, BLOCK_R)
+    tl.debug_barrier()  # act was stored by other threads of this program: make it visible before reading it back
 
-    # GEMM2 per column tile, then the whole block in the epilogue.
+    # 2. GEMM2 per column tile, accumulated over the rank, then the whole block in the epilogue.
     layer = tl.load(idx_ptr + rows, mask=row_ok, other=0)
     for d0 in range(0, d_total, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         col_ok = cols < d_total
-        b = tl.load(b_ptr + rr[:, None] * stride_bm + cols[None, :], mask=r_ok[:, None] & col_ok[None, :], other=0.0)
-        p = tl.dot(act, b, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_D)
+        p = _expand_tile(act_ptr, b_ptr, rows, row_ok, cols, col_ok, rank, stride_actm, stride_bm, 1,
+                         DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_R)
         h = _block_epilogue(p, c_ptr, s_ptr, t_ptr, layer, cols, row_ok, col_ok, stride_sl, RELU_FIRST)
         z0 = _load_input(z_ptr, mean_ptr, std_ptr, rows, cols, row_ok, col_ok, stride_zm, NORMALIZE, EPS)
         tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], z0 + h,
@@ -132,30 +168,26 @@ def _hypernet_block_fwd_kernel(
 
 @triton.jit
 def _hypernet_block_rowgemm_kernel(
-    x_ptr,  # (N, K) fp32 left operand, row stride stride_xm, unit column stride
-    y_ptr,  # (K, J) fp32 right operand through strides: A (D, r); B^T and A^T are B and A read transposed
-    res_ptr,  # (N, J) fp32 residual added in the epilogue (read only when HAS_RES), row stride stride_resm
-    mean_ptr,  # (K,) fp32: normalise x's columns (NORM_X)
-    std_ptr,  # (K,) with NORM_X, or (J,) with SCALE_OUT: divide the output columns by std + EPS
+    x_ptr,  # (N, K) fp32 left operand (z, normalised on load with NORM_X), row stride stride_xm
+    y_ptr,  # (K, J) fp32 right operand A, row stride stride_yk
+    mean_ptr,  # (K,) fp32 (NORM_X)
+    std_ptr,  # (K,) fp32 (NORM_X)
     out_ptr,  # (N, J) fp32 out, row stride stride_om
     n_rows,
+    rows_bucket,  # next power of two >= n_rows: the autotune key
     k_dim,
     j_dim,
     stride_xm,
     stride_yk,
-    stride_yj,
-    stride_resm,
     stride_om,
     NORM_X: tl.constexpr,
-    HAS_RES: tl.constexpr,
-    SCALE_OUT: tl.constexpr,
     EPS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    # out = epilogue(prologue(x) @ y): act = z0 A;  alpha = pi B^T;  grad_z = (gamma + alpha A^T) / (std + eps).
+    # act = z0 A for the backward, as a 2-D grid of (row tile, rank tile): act is an output there (grad_b needs it).
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # int64: offsets can pass 2^31
     jj = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
     row_ok = rows < n_rows
@@ -165,96 +197,47 @@ def _hypernet_block_rowgemm_kernel(
         kk = k0 + tl.arange(0, BLOCK_K)
         k_ok = kk < k_dim
         x = _load_input(x_ptr, mean_ptr, std_ptr, rows, kk, row_ok, k_ok, stride_xm, NORM_X, EPS)
-        y = tl.load(y_ptr + kk[:, None] * stride_yk + jj[None, :] * stride_yj, mask=k_ok[:, None] & j_ok[None, :],
-                    other=0.0)
+        y = tl.load(y_ptr + kk[:, None] * stride_yk + jj[None, :], mask=k_ok[:, None] & j_ok[None, :], other=0.0)
         acc = tl.dot(x, y, acc, input_precision=DOT_PRECISION)
-    mask = row_ok[:, None] & j_ok[None, :]
-    if HAS_RES:
-        acc = tl.load(res_ptr + rows[:, None] * stride_resm + jj[None, :], mask=mask, other=0.0) + acc
-    if SCALE_OUT:
-        sd = tl.load(std_ptr + jj, mask=j_ok, other=1.0)
-        acc = acc / (sd + EPS)[None, :]
-    tl.store(out_ptr + rows[:, None] * stride_om + jj[None, :], acc, mask=mask)
+    tl.store(out_ptr + rows[:, None] * stride_om + jj[None, :], acc, mask=row_ok[:, None] & j_ok[None, :])
 
 
 @triton.jit
-def _hypernet_block_expand_kernel(
+def _hypernet_block_pi_bwd_kernel(
+    grad_out_ptr,  # (N, D) fp32 gamma = dL/dz', row stride stride_gm
     act_ptr,  # (N, r) fp32 act = z0 A, row stride stride_actm
     b_ptr,  # (r, D) fp32 B, row stride stride_bm
     c_ptr,  # (D,) fp32
     s_ptr,  # (L, D) fp32, row stride stride_sl
     t_ptr,  # (L, D) fp32
-    idx_ptr,  # (N,) int64
-    z_ptr,  # (N, D) fp32 rows for the residual (raw x when NORMALIZE); unused when STORE_P
-    mean_ptr,  # (D,) fp32 (NORMALIZE)
-    std_ptr,  # (D,) fp32 (NORMALIZE)
-    out_ptr,  # (N, D) fp32 out: z' or, with STORE_P, the pre-activation p = act B + c
-    n_rows,
-    d_total,
-    rank,
-    stride_actm,
-    stride_bm,
-    stride_sl,
-    stride_zm,
-    stride_om,
-    RELU_FIRST: tl.constexpr,
-    NORMALIZE: tl.constexpr,
-    STORE_P: tl.constexpr,
-    EPS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # int64: offsets can pass 2^31
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_ok = rows < n_rows
-    col_ok = cols < d_total
-    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    for k0 in range(0, rank, BLOCK_K):  # GEMM2, K loop over the rank
-        kk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = kk < rank
-        act = tl.load(act_ptr + rows[:, None] * stride_actm + kk[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                      other=0.0)
-        b = tl.load(b_ptr + kk[:, None] * stride_bm + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(act, b, acc, input_precision=DOT_PRECISION)
-    mask = row_ok[:, None] & col_ok[None, :]
-    if STORE_P:
-        acc = acc + tl.load(c_ptr + cols, mask=col_ok, other=0.0)[None, :]
-        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc, mask=mask)
-    else:
-        layer = tl.load(idx_ptr + rows, mask=row_ok, other=0)
-        h = _block_epilogue(acc, c_ptr, s_ptr, t_ptr, layer, cols, row_ok, col_ok, stride_sl, RELU_FIRST)
-        z0 = _load_input(z_ptr, mean_ptr, std_ptr, rows, cols, row_ok, col_ok, stride_zm, NORMALIZE, EPS)
-        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], z0 + h, mask=mask)
-
-
-@triton.jit
-def _hypernet_block_bwd_kernel(
-    grad_out_ptr,  # (N, D) fp32 gamma = dL/dz', row stride stride_gm
-    p_ptr,  # (N, D) fp32 in: pre-activation p; out: pi (same element, same program), row stride stride_pm
-    s_ptr,  # (L, D) fp32, row stride stride_sl
-    t_ptr,  # (L, D) fp32
     perm_ptr,  # (N,) int64 rows sorted by layer (stable)
     offsets_ptr,  # (L + 1,) int64 start of each layer's rows in perm
+    pi_ptr,  # (N, D) fp32 out: pi, row stride stride_pim
     grad_s_ptr,  # (L, D) fp32 out
     grad_t_ptr,  # (L, D) fp32 out
     pisum_ptr,  # (L, D) fp32 out: sum of pi over the layer's rows (grad_c = sum over layers)
     d_total,
+    rank,
     stride_gm,
-    stride_pm,
+    stride_actm,
+    stride_bm,
     stride_sl,
+    stride_pim,
     RELU_FIRST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
-    # One program per (layer, column tile) walks that layer's rows in order: per-layer sums without atomics.
-    # Bytes: reads gamma and p once, writes pi once; (L, D) outputs.
+    # One program per (layer, column tile) walks that layer's rows in order: per-layer sums without atomics. p is
+    # recomputed tile by tile (GEMM2 over rank chunks) and never stored. Bytes: reads gamma once and act once per
+    # column tile (small: r per row), writes pi once; (L, D) outputs.
     layer = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < d_total
     start = tl.load(offsets_ptr + layer)
     end = tl.load(offsets_ptr + layer + 1)
+    c = tl.load(c_ptr + cols, mask=col_ok, other=0.0)[None, :]
     s = tl.load(s_ptr + layer * stride_sl + cols, mask=col_ok, other=0.0)[None, :]
     t = tl.load(t_ptr + layer * stride_sl + cols, mask=col_ok, other=0.0)[None, :]
     acc_s = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
@@ -265,8 +248,9 @@ def _hypernet_block_bwd_kernel(
         i_ok = ii < end
         rows = tl.load(perm_ptr + ii, mask=i_ok, other=0)
         mask = i_ok[:, None] & col_ok[None, :]
+        p = _expand_tile(act_ptr, b_ptr, rows, i_ok, cols, col_ok, rank, stride_actm, stride_bm, 1, DOT_PRECISION,
+                         BLOCK_N, BLOCK_D, BLOCK_R) + c
         gamma = tl.load(grad_out_ptr + rows[:, None] * stride_gm + cols[None, :], mask=mask, other=0.0)
-        p = tl.load(p_ptr + rows[:, None] * stride_pm + cols[None, :], mask=mask, other=0.0)
         if RELU_FIRST:
             # dt = gamma; ds = gamma * relu(p); pi = s * gamma * [p >= 0]
             acc_t += gamma
@@ -278,12 +262,60 @@ def _hypernet_block_bwd_kernel(
             acc_t += g
             acc_s += g * p
             pi = s * g
+        pi = tl.where(mask, pi, 0.0)
         acc_pi += pi
-        tl.store(p_ptr + rows[:, None] * stride_pm + cols[None, :], pi, mask=mask)
+        tl.store(pi_ptr + rows[:, None] * stride_pim + cols[None, :], pi, mask=mask)
     out = layer * d_total + cols
     tl.store(grad_s_ptr + out, tl.sum(acc_s, axis=0), mask=col_ok)
     tl.store(grad_t_ptr + out, tl.sum(acc_t, axis=0), mask=col_ok)
     tl.store(pisum_ptr + out, tl.sum(acc_pi, axis=0), mask=col_ok)
+
+
+@triton.jit
+def _hypernet_block_dz_bwd_kernel(
+    pi_ptr,  # (N, D) fp32 pi, row stride stride_pim
+    b_ptr,  # (r, D) fp32 B, row stride stride_bm (read as B^T)
+    a_ptr,  # (D, r) fp32 A, row stride stride_am (read as A^T)
+    grad_out_ptr,  # (N, D) fp32 gamma, row stride stride_gm
+    std_ptr,  # (D,) fp32 (SCALE_OUT)
+    alpha_ptr,  # (N, r) fp32 out: alpha = pi B^T, row stride stride_alm
+    grad_z_ptr,  # (N, D) fp32 out, row stride stride_dzm
+    n_rows,
+    rows_bucket,  # next power of two >= n_rows: the autotune key
+    d_total,
+    rank,
+    stride_pim,
+    stride_bm,
+    stride_am,
+    stride_gm,
+    stride_alm,
+    stride_dzm,
+    SCALE_OUT: tl.constexpr,  # the normaliser was folded in: dL/dx = dL/dz0 / (std + EPS)
+    EPS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    # The forward's structure on the backward chain: alpha = pi B^T (rank chunks, kept: grad_a = z0^T alpha needs
+    # it), then grad_z = gamma + alpha A^T per column tile with the residual and the scaling in the epilogue.
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # int64: offsets can pass 2^31
+    row_ok = rows < n_rows
+    _project_rows(pi_ptr, std_ptr, std_ptr, b_ptr, alpha_ptr, rows, row_ok, d_total, rank, stride_pim, 1, stride_bm,
+                  stride_alm, False, EPS, DOT_PRECISION, BLOCK_N, BLOCK_K, BLOCK_R)
+    tl.debug_barrier()  # alpha was stored by other threads of this program
+    for d0 in range(0, d_total, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col_ok = cols < d_total
+        mask = row_ok[:, None] & col_ok[None, :]
+        acc = _expand_tile(alpha_ptr, a_ptr, rows, row_ok, cols, col_ok, rank, stride_alm, 1, stride_am,
+                           DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_R)
+        acc = tl.load(grad_out_ptr + rows[:, None] * stride_gm + cols[None, :], mask=mask, other=0.0) + acc
+        if SCALE_OUT:
+            sd = tl.load(std_ptr + cols, mask=col_ok, other=1.0)
+            acc = acc / (sd + EPS)[None, :]
+        tl.store(grad_z_ptr + rows[:, None] * stride_dzm + cols[None, :], acc, mask=mask)
 
 
 @triton.jit
@@ -294,6 +326,7 @@ def _hypernet_block_wgrad_bwd_kernel(
     std_ptr,  # (I,) fp32 (NORM_X)
     out_ptr,  # (I, J) fp32 out = x'^T y, row stride stride_om
     n_rows,
+    rows_bucket,  # next power of two >= n_rows: the autotune key
     i_dim,
     j_dim,
     stride_xm,
@@ -329,66 +362,50 @@ def _hypernet_block_wgrad_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Launch configurations: autotuned on CUDA (fresh outputs), fixed under the interpreter. The per-layer backward
-# kernel rewrites p in place, so it takes a fixed config (autotuning would re-run it on its own output).
+# Launch configurations: autotuned on CUDA (fresh outputs; keys bucket the row count), fixed small blocks under the
+# interpreter (_common.INTERPRET_BLOCK). The per-layer pi kernel takes a fixed config: it runs once per backward.
 
-_FWD = _common.autotuned(
-    _hypernet_block_fwd_kernel,
-    configs=[_common.config(BLOCK_N=64, BLOCK_K=32, BLOCK_D=64, num_warps=4),
-             _common.config(BLOCK_N=64, BLOCK_K=64, BLOCK_D=128, num_warps=8),
-             _common.config(BLOCK_N=128, BLOCK_K=32, BLOCK_D=64, num_warps=8),
-             _common.config(BLOCK_N=32, BLOCK_K=64, BLOCK_D=128, num_warps=4)],
-    key=["n_rows", "d_total", "R_PAD"],
-    interpret=dict(BLOCK_N=128, BLOCK_K=256, BLOCK_D=256),
-)
-_GEMM_CONFIGS = [_common.config(BLOCK_N=64, BLOCK_J=64, BLOCK_K=32, num_warps=4, num_stages=3),
-                 _common.config(BLOCK_N=128, BLOCK_J=128, BLOCK_K=32, num_warps=8, num_stages=3),
-                 _common.config(BLOCK_N=64, BLOCK_J=128, BLOCK_K=64, num_warps=4, num_stages=4),
-                 _common.config(BLOCK_N=128, BLOCK_J=64, BLOCK_K=32, num_warps=4, num_stages=4)]
-_ROWGEMM = _common.autotuned(_hypernet_block_rowgemm_kernel, configs=_GEMM_CONFIGS,
-                             key=["n_rows", "k_dim", "j_dim"], interpret=dict(BLOCK_N=128, BLOCK_J=256, BLOCK_K=256))
-_EXPAND = _common.autotuned(
-    _hypernet_block_expand_kernel,
-    configs=[_common.config(BLOCK_N=c.kwargs["BLOCK_N"], BLOCK_D=c.kwargs["BLOCK_J"], BLOCK_K=c.kwargs["BLOCK_K"],
-                            num_warps=c.num_warps, num_stages=c.num_stages) for c in _GEMM_CONFIGS],
-    key=["n_rows", "d_total", "rank"],
-    interpret=dict(BLOCK_N=128, BLOCK_D=256, BLOCK_K=256),
-)
+_B = _common.INTERPRET_BLOCK
+_CHAIN_CONFIGS = [_common.config(BLOCK_N=32, BLOCK_K=32, BLOCK_D=64, BLOCK_R=32, num_warps=4),
+                  _common.config(BLOCK_N=64, BLOCK_K=32, BLOCK_D=64, BLOCK_R=64, num_warps=4),
+                  _common.config(BLOCK_N=64, BLOCK_K=64, BLOCK_D=128, BLOCK_R=64, num_warps=8),
+                  _common.config(BLOCK_N=128, BLOCK_K=32, BLOCK_D=64, BLOCK_R=32, num_warps=8)]
+_CHAIN_INTERPRET = dict(BLOCK_N=_B, BLOCK_K=_B, BLOCK_D=_B, BLOCK_R=_B)
+_FWD = _common.autotuned(_hypernet_block_fwd_kernel, configs=_CHAIN_CONFIGS,
+                         key=["rows_bucket", "d_total", "rank"], interpret=_CHAIN_INTERPRET)
+_DZ = _common.autotuned(_hypernet_block_dz_bwd_kernel, configs=_CHAIN_CONFIGS,
+                        key=["rows_bucket", "d_total", "rank"], interpret=_CHAIN_INTERPRET)
+_ROWGEMM = _common.autotuned(
+    _hypernet_block_rowgemm_kernel,
+    configs=[_common.config(BLOCK_N=64, BLOCK_J=64, BLOCK_K=32, num_warps=4, num_stages=3),
+             _common.config(BLOCK_N=128, BLOCK_J=128, BLOCK_K=32, num_warps=8, num_stages=3),
+             _common.config(BLOCK_N=64, BLOCK_J=128, BLOCK_K=64, num_warps=4, num_stages=4),
+             _common.config(BLOCK_N=128, BLOCK_J=64, BLOCK_K=32, num_warps=4, num_stages=4)],
+    key=["rows_bucket", "k_dim", "j_dim"], interpret=dict(BLOCK_N=_B, BLOCK_J=_B, BLOCK_K=_B))
 _WGRAD = _common.autotuned(
     _hypernet_block_wgrad_bwd_kernel,
     configs=[_common.config(BLOCK_I=64, BLOCK_J=64, BLOCK_K=32, num_warps=4, num_stages=3),
              _common.config(BLOCK_I=128, BLOCK_J=128, BLOCK_K=32, num_warps=8, num_stages=3),
              _common.config(BLOCK_I=64, BLOCK_J=128, BLOCK_K=64, num_warps=4, num_stages=4)],
-    key=["n_rows", "i_dim", "j_dim"],
-    interpret=dict(BLOCK_I=256, BLOCK_J=256, BLOCK_K=256),
-)
-_PER_LAYER_CONFIG = dict(interpret=dict(BLOCK_N=256, BLOCK_D=256), cuda=dict(BLOCK_N=32, BLOCK_D=128, num_warps=4))
+    key=["rows_bucket", "i_dim", "j_dim"], interpret=dict(BLOCK_I=_B, BLOCK_J=_B, BLOCK_K=_B))
+_PI_CONFIG = dict(interpret=dict(BLOCK_N=_B, BLOCK_D=_B, BLOCK_R=_B),
+                  cuda=dict(BLOCK_N=32, BLOCK_D=64, BLOCK_R=32, num_warps=4))
 
 
-def _rowgemm(x, y, strides_y, k_dim, j_dim, *, res=None, mean=None, std=None, norm_x=False, scale_out=False):
-    """out (N, j_dim) = [x normalised] @ y (+ res) [/ (std + eps)], y addressed through strides_y = (k, j)."""
-    n_rows = x.shape[0]
-    out = torch.empty((n_rows, j_dim), dtype=torch.float32, device=x.device)
-    dummy = x
-    wrap_triton(_ROWGEMM.kernel)[lambda m: (triton.cdiv(n_rows, m["BLOCK_N"]), triton.cdiv(j_dim, m["BLOCK_J"]))](
-        x, y, res if res is not None else dummy, mean if mean is not None else dummy,
-        std if std is not None else dummy, out, n_rows, k_dim, j_dim, x.stride(0), strides_y[0], strides_y[1],
-        res.stride(0) if res is not None else 0, out.stride(0),
-        NORM_X=norm_x, HAS_RES=res is not None, SCALE_OUT=scale_out, EPS=EPS,
-        DOT_PRECISION=_common.dot_precision(), **_ROWGEMM.launch_meta(BLOCK_N=n_rows, BLOCK_J=j_dim, BLOCK_K=k_dim))
-    return out
+def _chain_meta(tuned, n_rows, d_total, rank):
+    return tuned.launch_meta(BLOCK_N=n_rows, BLOCK_K=d_total, BLOCK_D=d_total, BLOCK_R=rank)
 
 
-def _expand(act, b, c, s, t, idx, z, mean, std, relu_first, store_p):
+def _act(z, a, mean, std):
+    """act = z0 A (N, r) fp32."""
     n_rows, d_total = z.shape
-    rank = b.shape[0]
-    out = torch.empty((n_rows, d_total), dtype=torch.float32, device=z.device)
-    normalize = mean is not None
-    wrap_triton(_EXPAND.kernel)[lambda m: (triton.cdiv(n_rows, m["BLOCK_N"]), triton.cdiv(d_total, m["BLOCK_D"]))](
-        act, b, c, s, t, idx, z, mean if normalize else z, std if normalize else z, out, n_rows, d_total, rank,
-        act.stride(0), b.stride(0), s.stride(0), z.stride(0), out.stride(0),
-        RELU_FIRST=relu_first, NORMALIZE=normalize, STORE_P=store_p, EPS=EPS,
-        DOT_PRECISION=_common.dot_precision(), **_EXPAND.launch_meta(BLOCK_N=n_rows, BLOCK_D=d_total, BLOCK_K=rank))
+    rank = a.shape[1]
+    out = torch.empty((n_rows, rank), dtype=torch.float32, device=z.device)
+    norm_x = mean is not None
+    wrap_triton(_ROWGEMM.kernel)[lambda m: (triton.cdiv(n_rows, m["BLOCK_N"]), triton.cdiv(rank, m["BLOCK_J"]))](
+        z, a, mean if norm_x else z, std if norm_x else z, out, n_rows, _common.bucket(n_rows), d_total, rank,
+        z.stride(0), a.stride(0), out.stride(0), NORM_X=norm_x, EPS=EPS, DOT_PRECISION=_common.dot_precision(),
+        **_ROWGEMM.launch_meta(BLOCK_N=n_rows, BLOCK_J=rank, BLOCK_K=d_total))
     return out
 
 
@@ -396,12 +413,10 @@ def _wgrad(x, y, i_dim, j_dim, *, mean=None, std=None):
     """out (i_dim, j_dim) = [x normalised]^T y, reduced over all rows in order."""
     n_rows = x.shape[0]
     out = torch.empty((i_dim, j_dim), dtype=torch.float32, device=x.device)
-    if n_rows == 0:
-        return out.zero_()
     norm_x = mean is not None
     wrap_triton(_WGRAD.kernel)[lambda m: (triton.cdiv(i_dim, m["BLOCK_I"]), triton.cdiv(j_dim, m["BLOCK_J"]))](
-        x, y, mean if norm_x else x, std if norm_x else x, out, n_rows, i_dim, j_dim, x.stride(0), y.stride(0),
-        out.stride(0), NORM_X=norm_x, EPS=EPS, DOT_PRECISION=_common.dot_precision(),
+        x, y, mean if norm_x else x, std if norm_x else x, out, n_rows, _common.bucket(n_rows), i_dim, j_dim,
+        x.stride(0), y.stride(0), out.stride(0), NORM_X=norm_x, EPS=EPS, DOT_PRECISION=_common.dot_precision(),
         **_WGRAD.launch_meta(BLOCK_I=i_dim, BLOCK_J=j_dim, BLOCK_K=n_rows))
     return out
 
@@ -410,26 +425,23 @@ def _wgrad(x, y, i_dim, j_dim, *, mean=None, std=None):
 def hypernet_block(z: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, s: torch.Tensor,
                    t: torch.Tensor, idx: torch.Tensor, relu_first: bool, mean: torch.Tensor | None,
                    std: torch.Tensor | None) -> torch.Tensor:
-    """z' = z0 + h(z0) for all layers of a shape group in one call; (N, D) fp32.
+    """z' = z0 + h(z0) for all layers of a shape group in one launch, any rank; (N, D) fp32.
 
     Reference: emsedit_fast.reference.hypernet_block.
     """
     n_rows, d_total = z.shape  # inputs checked by the ops layer (emsedit_fast/ops/hypernet_block.py)
     rank = a.shape[1]
-    normalize = mean is not None
+    out = torch.empty_like(z)
     if n_rows == 0:
-        return torch.empty_like(z)
-    r_pad = _common.next_pow2(rank)
-    if r_pad <= FUSED_MAX_RANK:
-        out = torch.empty_like(z)
-        wrap_triton(_FWD.kernel)[lambda m: (triton.cdiv(n_rows, m["BLOCK_N"]),)](
-            z, a, b, c, s, t, idx, mean if normalize else z, std if normalize else z, out, n_rows, d_total, rank,
-            z.stride(0), a.stride(0), b.stride(0), s.stride(0), out.stride(0),
-            RELU_FIRST=relu_first, NORMALIZE=normalize, EPS=EPS, DOT_PRECISION=_common.dot_precision(),
-            R_PAD=r_pad, **_FWD.launch_meta(BLOCK_N=n_rows, BLOCK_K=d_total, BLOCK_D=d_total))
         return out
-    act = _rowgemm(z, a, (a.stride(0), 1), d_total, rank, mean=mean, std=std, norm_x=normalize)  # (N, r)
-    return _expand(act, b, c, s, t, idx, z, mean, std, relu_first, store_p=False)
+    normalize = mean is not None
+    act = torch.empty((n_rows, rank), dtype=torch.float32, device=z.device)  # per-row-tile scratch
+    wrap_triton(_FWD.kernel)[lambda m: (triton.cdiv(n_rows, m["BLOCK_N"]),)](
+        z, a, b, c, s, t, idx, mean if normalize else z, std if normalize else z, act, out, n_rows,
+        _common.bucket(n_rows), d_total, rank, z.stride(0), a.stride(0), b.stride(0), s.stride(0), act.stride(0),
+        out.stride(0), RELU_FIRST=relu_first, NORMALIZE=normalize, EPS=EPS, DOT_PRECISION=_common.dot_precision(),
+        **_chain_meta(_FWD, n_rows, d_total, rank))
+    return out
 
 
 @triton_op("emsedit_fast::triton_hypernet_block_backward", mutates_args={})
@@ -441,37 +453,38 @@ def hypernet_block_backward(grad_out: torch.Tensor, z: torch.Tensor, a: torch.Te
     """(grad_z, grad_a, grad_b, grad_c, grad_s, grad_t) of `hypernet_block`, recomputing the forward.
 
     With mean/std, grad_z is the gradient with respect to the raw rows x. Deterministic.
-    Reference: emsedit_fast.reference.hypernet_block_backward (METHOD.md section 8.4).
+    Reference: emsedit_fast.reference.hypernet_block_backward.
     """
     n_rows, d_total = z.shape  # inputs checked by the ops layer (emsedit_fast/ops/hypernet_block.py)
     rank = a.shape[1]
     n_layers = s.shape[0]
     normalize = mean is not None
     if n_rows == 0:
-        zeros = [torch.zeros_like(x) for x in (z, a, b, c, s, t)]
-        return tuple(zeros)
+        return tuple(torch.zeros_like(x) for x in (z, a, b, c, s, t))
 
-    act = _rowgemm(z, a, (a.stride(0), 1), d_total, rank, mean=mean, std=std, norm_x=normalize)  # (N, r)
-    p = _expand(act, b, c, s, t, idx, z, mean, std, relu_first, store_p=True)  # (N, D) pre-activation
+    act = _act(z, a, mean, std)  # (N, r)
 
     # Rows grouped by layer (stable: each layer's rows in their original order), without a host sync and with static
     # shapes (no bincount): offsets[l] = first position of layer l in the sorted index.
     sorted_idx, perm = torch.sort(idx, stable=True)
     offsets = torch.searchsorted(sorted_idx, torch.arange(n_layers + 1, dtype=idx.dtype, device=idx.device))
+    pi = torch.empty_like(z)
     grad_s = torch.empty_like(s)
     grad_t = torch.empty_like(t)
     pisum = torch.empty_like(s)
-    cfg = _common.pick(**_PER_LAYER_CONFIG, BLOCK_N=n_rows, BLOCK_D=d_total)
-    if n_layers:
-        wrap_triton(_hypernet_block_bwd_kernel)[(n_layers, triton.cdiv(d_total, cfg["BLOCK_D"]))](
-            grad_out, p, s, t, perm, offsets, grad_s, grad_t, pisum, d_total,
-            grad_out.stride(0), p.stride(0), s.stride(0), RELU_FIRST=relu_first, **cfg)
-    pi = p  # overwritten in place by the kernel above
+    cfg = _common.pick(**_PI_CONFIG, BLOCK_N=n_rows, BLOCK_D=d_total, BLOCK_R=rank)
+    wrap_triton(_hypernet_block_pi_bwd_kernel)[(n_layers, triton.cdiv(d_total, cfg["BLOCK_D"]))](
+        grad_out, act, b, c, s, t, perm, offsets, pi, grad_s, grad_t, pisum, d_total, rank, grad_out.stride(0),
+        act.stride(0), b.stride(0), s.stride(0), pi.stride(0), RELU_FIRST=relu_first,
+        DOT_PRECISION=_common.dot_precision(), **cfg)
     grad_c = pisum.sum(0)
 
-    alpha = _rowgemm(pi, b, (1, b.stride(0)), d_total, rank)  # pi B^T (N, r)
-    grad_z = _rowgemm(alpha, a, (1, a.stride(0)), rank, d_total, res=grad_out, std=std,
-                      scale_out=normalize)  # (gamma + alpha A^T) [/ (std + eps)]
+    alpha = torch.empty((n_rows, rank), dtype=torch.float32, device=z.device)
+    grad_z = torch.empty_like(z)
+    wrap_triton(_DZ.kernel)[lambda m: (triton.cdiv(n_rows, m["BLOCK_N"]),)](
+        pi, b, a, grad_out, std if normalize else pi, alpha, grad_z, n_rows, _common.bucket(n_rows), d_total, rank,
+        pi.stride(0), b.stride(0), a.stride(0), grad_out.stride(0), alpha.stride(0), grad_z.stride(0),
+        SCALE_OUT=normalize, EPS=EPS, DOT_PRECISION=_common.dot_precision(), **_chain_meta(_DZ, n_rows, d_total, rank))
     grad_a = _wgrad(z, alpha, d_total, rank, mean=mean, std=std)  # z0^T alpha (D, r)
     grad_b = _wgrad(act, pi, rank, d_total)  # act^T pi (r, D)
     return grad_z, grad_a, grad_b, grad_c, grad_s, grad_t

@@ -1,4 +1,5 @@
-"""Triton grouped copy for exact restores (reference: emsedit_fast/reference/restore.py; METHOD.md section 7.6).
+"""Triton grouped copy for exact restores (reference: emsedit_fast/reference/restore.py; docs/method.md, "Applying
+and undoing an update").
 
 weights[l] <- snapshots[l] bit for bit. The copy moves raw words (int8/16/32/64, the widest that the byte count and
 both addresses allow), never floats, so NaN payloads and signed zeros survive and no dtype is special. All layers
@@ -61,7 +62,7 @@ def restore_(weights: list[torch.Tensor], snapshots: list[torch.Tensor]) -> None
     # device.
     if not weights:
         return
-    cfg = _common.pick(dict(BLOCK=1 << 16), dict(BLOCK=4096, num_warps=8),
+    cfg = _common.pick(dict(BLOCK=256), dict(BLOCK=4096, num_warps=8),
                        BLOCK=max(w.numel() * w.element_size() for w in weights))
     block = cfg["BLOCK"]
     if _common.is_tracing(*weights):

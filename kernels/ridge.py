@@ -1,5 +1,5 @@
-"""Triton kernels around the batched ridge solve (reference: emsedit_fast/reference/ridge.py; METHOD.md 7.3-7.5, 8.2,
-18.3 F4).
+"""Triton kernels around the batched ridge solve (reference: emsedit_fast/reference/ridge.py;
+docs/method.md, "Ridge least squares", "Meta-gradient" and "Fused operations").
 
     dual:    C_l = K_l K_l^T + beta_l I_n       (n x n),      M_l = C_l^-1 V_l
     primal:  A_l = K_l^T K_l + beta_l I_d_in    (d_in x d_in), S_l = A_l^-1 (K_l^T V_l)       beta_l = exp(log_ridge_l)
@@ -13,7 +13,7 @@ The factorisation stays a library call (we fuse around the solver, not through i
 `torch.linalg.cholesky_ex` + `torch.cholesky_solve`. Layers whose factorisation fails (info > 0) or whose solution is
 not finite are retried in fp64, then by LU, then (exactly singular) by minimum-norm least squares; each event is
 logged. Keys may be fp32 or fp64; products accumulate in the keys' dtype with IEEE dots (never TF32: the solve stays
-fp32, METHOD.md sections 6.4 and 7.5).
+fp32: TF32 products, with a 10-bit mantissa, would leave the Gram matrix only about three correct digits).
 
 Backward (keys are constants):
     dual:    P = C^-1 dL/dM,                     dL/dlog_ridge = -beta <P, M>
@@ -44,6 +44,8 @@ def _ridge_solve_gram_kernel(
     i_dim,
     j_dim,
     k_dim,
+    sizes_bucket,  # the autotune key: next powers of two of (i, j, k) packed as 3 x 8 bits of their log2 (the row
+    # count n is one of the three and changes with every edit batch; one tuning per bucket, not per batch size)
     stride_xl,
     stride_xi,
     stride_xk,
@@ -94,9 +96,16 @@ _GRAM = _common.autotuned(
     configs=[_common.config(BLOCK_I=64, BLOCK_J=64, BLOCK_K=32, num_warps=4, num_stages=3),
              _common.config(BLOCK_I=128, BLOCK_J=128, BLOCK_K=32, num_warps=8, num_stages=3),
              _common.config(BLOCK_I=32, BLOCK_J=32, BLOCK_K=64, num_warps=4, num_stages=3)],
-    key=["i_dim", "j_dim", "k_dim"],
-    interpret=dict(BLOCK_I=128, BLOCK_J=128, BLOCK_K=256),
+    key=["sizes_bucket"],
+    interpret=dict(BLOCK_I=_common.INTERPRET_BLOCK, BLOCK_J=_common.INTERPRET_BLOCK, BLOCK_K=_common.INTERPRET_BLOCK),
 )
+
+
+def _sizes_bucket(*dims: int) -> int:
+    code = 0
+    for d in dims:
+        code = (code << 8) | _common.bucket(d).bit_length()
+    return code
 
 
 def _product(x, x_strides, y, y_strides, i_dim, j_dim, k_dim, log_ridge=None, symmetric=False):
@@ -119,7 +128,8 @@ def _product(x, x_strides, y, y_strides, i_dim, j_dim, k_dim, log_ridge=None, sy
                              BLOCK_J=max(i_dim, j_dim) if symmetric else j_dim, BLOCK_K=k_dim)
     wrap_triton(_GRAM.kernel)[lambda m: (triton.cdiv(i_dim, m["BLOCK_I"]), triton.cdiv(j_dim, m["BLOCK_J"]),
                                          n_layers)](
-        x, y, ridge if ridge is not None else x, out, i_dim, j_dim, k_dim, *x_strides, *y_strides,
+        x, y, ridge if ridge is not None else x, out, i_dim, j_dim, k_dim, _sizes_bucket(i_dim, j_dim, k_dim),
+        *x_strides, *y_strides,
         *out.stride(), ADD_RIDGE=log_ridge is not None, SYMMETRIC=symmetric, **meta)
     return out
 

@@ -1,4 +1,5 @@
-"""Triton kernels of the running normaliser (reference: emsedit_fast/reference/running_stats.py; METHOD.md section 5).
+"""Triton kernels of the running normaliser (reference: emsedit_fast/reference/running_stats.py; docs/method.md,
+"Running normaliser").
 
 Rows are x = [u | delta]: keys (m, d_in) fill columns [0, d_in), value-grads (m, d_out) columns [d_in, D). The
 kernels read both tensors in place through two masked loads per column block; the concatenation is never
@@ -135,6 +136,7 @@ def _running_stats_normalize_fwd_kernel(
     out_ptr,  # (m, D) fp32 out, row stride stride_om
     eps,  # fp32 denominator guard (2^-23 by default)
     n_rows,
+    rows_bucket,  # next power of two >= n_rows: the autotune key (one tuning per bucket, not per batch size)
     d_in,
     d_total,
     stride_km,
@@ -158,16 +160,34 @@ def _running_stats_normalize_fwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------------
 # Launch configurations. The update is in place (through the merge), so it is not autotuned.
 
-_UPDATE_CONFIG = dict(interpret=dict(BLOCK_M=256, BLOCK_D=256), cuda=dict(BLOCK_M=32, BLOCK_D=128, num_warps=4))
-_MERGE_CONFIG = dict(interpret=dict(BLOCK_D=1024), cuda=dict(BLOCK_D=256, num_warps=4))
+_B = _common.INTERPRET_BLOCK
+_UPDATE_CONFIG = dict(interpret=dict(BLOCK_M=_B, BLOCK_D=_B), cuda=dict(BLOCK_M=32, BLOCK_D=128, num_warps=4))
+_MERGE_CONFIG = dict(interpret=dict(BLOCK_D=_B), cuda=dict(BLOCK_D=256, num_warps=4))
 _NORMALIZE = _common.autotuned(
     _running_stats_normalize_fwd_kernel,
     configs=[_common.config(BLOCK_M=32, BLOCK_D=128, num_warps=4),
              _common.config(BLOCK_M=64, BLOCK_D=128, num_warps=8),
              _common.config(BLOCK_M=16, BLOCK_D=256, num_warps=4)],
-    key=["n_rows", "d_total"],
-    interpret=dict(BLOCK_M=128, BLOCK_D=256),
+    key=["rows_bucket", "d_total"],
+    interpret=dict(BLOCK_M=_B, BLOCK_D=_B),
 )
+
+
+def row_splits(n_rows: int, block_m: int, col_blocks: int, device: torch.device) -> tuple[int, int]:
+    """(n_splits, rows_per_split) of the update's first kernel: slices of rows whose statistics the merge combines.
+
+    On CUDA the rows are split only when there are too few column blocks to fill the GPU (about 4 programs per SM).
+    Under the interpreter every slice holds two row tiles, so the tests run the split and the Chan-Golub-LeVeque merge
+    of several slices whenever they have more than 2 * BLOCK_M rows. The split changes only the merge order of exact
+    partial statistics, not the result's meaning.
+    """
+    if _common.INTERPRET:
+        rows_per_split = 2 * block_m
+    else:
+        target = 4 * _common.sm_count(device)
+        n_splits = max(1, min(_common.cdiv(n_rows, 4 * block_m), target // col_blocks))
+        rows_per_split = _common.cdiv(n_rows, n_splits)
+    return _common.cdiv(n_rows, rows_per_split), rows_per_split
 
 
 @triton_op("emsedit_fast::triton_running_stats_update_", mutates_args={"count", "mean", "var", "std"})
@@ -181,12 +201,7 @@ def running_stats_update_(count: torch.Tensor, mean: torch.Tensor, var: torch.Te
 
     cfg = _common.pick(**_UPDATE_CONFIG, BLOCK_M=n_rows, BLOCK_D=d_total)
     col_blocks = _common.cdiv(d_total, cfg["BLOCK_D"])
-    # Split the rows when there are too few column blocks to fill the GPU (about 4 programs per SM); one slice under
-    # the interpreter. The split changes only the merge order of exact partial statistics, not the result's meaning.
-    target = 4 * _common.sm_count(keys.device)
-    n_splits = max(1, min(_common.cdiv(n_rows, 4 * cfg["BLOCK_M"]), target // col_blocks))
-    rows_per_split = _common.cdiv(n_rows, n_splits)
-    n_splits = _common.cdiv(n_rows, rows_per_split)
+    n_splits, rows_per_split = row_splits(n_rows, cfg["BLOCK_M"], col_blocks, keys.device)
     part_mean = torch.empty((n_splits, d_total), dtype=torch.float32, device=keys.device)
     part_m2 = torch.empty_like(part_mean)
     wrap_triton(_running_stats_update_fwd_kernel)[(col_blocks, n_splits)](
@@ -214,6 +229,6 @@ def running_stats_normalize(keys: torch.Tensor, value_grads: torch.Tensor, mean:
         return (triton.cdiv(n_rows, meta["BLOCK_M"]), triton.cdiv(d_total, meta["BLOCK_D"]))
 
     wrap_triton(_NORMALIZE.kernel)[grid](
-        keys, value_grads, mean, std, out, eps, n_rows, keys.shape[1], d_total,
+        keys, value_grads, mean, std, out, eps, n_rows, _common.bucket(n_rows), keys.shape[1], d_total,
         keys.stride(0), value_grads.stride(0), out.stride(0), **_NORMALIZE.launch_meta(BLOCK_M=n_rows, BLOCK_D=d_total))
     return out

@@ -1,4 +1,5 @@
-"""Triton kernels of the value targets (reference: emsedit_fast/reference/value_targets.py; METHOD.md 7.2 and 8.3).
+"""Triton kernels of the value targets (reference: emsedit_fast/reference/value_targets.py; docs/method.md, "Value
+targets" and "Meta-gradient").
 
     coeff_j = -eta[idx_j] * <u_j, u~_j>,   target_j = coeff_j * delta~_j,   z = [u~ | delta~] (N, D)
 
@@ -45,6 +46,7 @@ def _value_targets_fwd_kernel(
     targets_ptr,  # (N, d_out) fp32 out, row stride stride_tm
     coeffs_ptr,  # (N,) fp32 out
     n_rows,
+    rows_bucket,  # next power of two >= n_rows: the autotune key (one tuning per bucket, not per batch size)
     d_in,
     d_out,
     stride_km,
@@ -78,6 +80,7 @@ def _value_targets_bwd_kernel(
     grad_z_ptr,  # (N, D) fp32 out, row stride stride_dzm
     contrib_ptr,  # (N,) fp32 out: -g_j <u_j, u~_j>, summed per layer by the eta kernel
     n_rows,
+    rows_bucket,  # next power of two >= n_rows: the autotune key
     d_in,
     d_out,
     stride_gm,
@@ -133,11 +136,12 @@ def _value_targets_eta_bwd_kernel(
 _ROW_CONFIGS = [_common.config(BLOCK_N=16, BLOCK_K=128, num_warps=4),
                 _common.config(BLOCK_N=32, BLOCK_K=128, num_warps=4),
                 _common.config(BLOCK_N=8, BLOCK_K=256, num_warps=4)]
-_FWD = _common.autotuned(_value_targets_fwd_kernel, configs=_ROW_CONFIGS, key=["n_rows", "d_in", "d_out"],
-                         interpret=dict(BLOCK_N=128, BLOCK_K=256))
-_BWD = _common.autotuned(_value_targets_bwd_kernel, configs=_ROW_CONFIGS, key=["n_rows", "d_in", "d_out"],
-                         interpret=dict(BLOCK_N=128, BLOCK_K=256))
-_ETA_CONFIG = dict(interpret=dict(BLOCK_N=4096), cuda=dict(BLOCK_N=1024, num_warps=4))
+_B = _common.INTERPRET_BLOCK
+_FWD = _common.autotuned(_value_targets_fwd_kernel, configs=_ROW_CONFIGS, key=["rows_bucket", "d_in", "d_out"],
+                         interpret=dict(BLOCK_N=_B, BLOCK_K=_B))
+_BWD = _common.autotuned(_value_targets_bwd_kernel, configs=_ROW_CONFIGS, key=["rows_bucket", "d_in", "d_out"],
+                         interpret=dict(BLOCK_N=_B, BLOCK_K=_B))
+_ETA_CONFIG = dict(interpret=dict(BLOCK_N=_B), cuda=dict(BLOCK_N=1024, num_warps=4))
 
 
 def _row_grid(n_rows):
@@ -154,8 +158,8 @@ def value_targets(keys: torch.Tensor, z: torch.Tensor, eta: torch.Tensor,
     coeffs = torch.empty((n_rows,), dtype=torch.float32, device=z.device)
     if n_rows:
         wrap_triton(_FWD.kernel)[_row_grid(n_rows)](
-            keys, z, eta, idx, targets, coeffs, n_rows, d_in, d_out, keys.stride(0), z.stride(0), targets.stride(0),
-            **_FWD.launch_meta(BLOCK_N=n_rows, BLOCK_K=max(d_in, d_out)))
+            keys, z, eta, idx, targets, coeffs, n_rows, _common.bucket(n_rows), d_in, d_out, keys.stride(0),
+            z.stride(0), targets.stride(0), **_FWD.launch_meta(BLOCK_N=n_rows, BLOCK_K=max(d_in, d_out)))
     return targets, coeffs
 
 
@@ -171,8 +175,9 @@ def value_targets_backward(grad_targets: torch.Tensor, grad_coeffs: torch.Tensor
     if n_rows:
         wrap_triton(_BWD.kernel)[_row_grid(n_rows)](
             grad_targets, grad_coeffs if grad_coeffs is not None else contrib, keys, z, eta, idx, grad_z, contrib,
-            n_rows, d_in, d_out, grad_targets.stride(0), keys.stride(0), z.stride(0), grad_z.stride(0),
-            HAS_GRAD_COEFFS=grad_coeffs is not None, **_BWD.launch_meta(BLOCK_N=n_rows, BLOCK_K=max(d_in, d_out)))
+            n_rows, _common.bucket(n_rows), d_in, d_out, grad_targets.stride(0), keys.stride(0), z.stride(0),
+            grad_z.stride(0), HAS_GRAD_COEFFS=grad_coeffs is not None,
+            **_BWD.launch_meta(BLOCK_N=n_rows, BLOCK_K=max(d_in, d_out)))
     if eta.shape[0]:
         wrap_triton(_value_targets_eta_bwd_kernel)[(eta.shape[0],)](
             contrib, idx, grad_eta, n_rows, **_common.pick(**_ETA_CONFIG, BLOCK_N=n_rows))

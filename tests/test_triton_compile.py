@@ -34,8 +34,12 @@ pytestmark = [
 # Per kernel: variants as (label, argument types overriding the defaults, constexpr values). Defaults: `*_ptr`
 # arguments are "*fp32", other runtime arguments "i32", `eps` "fp32". A variant lists every constexpr.
 _HB_GEMM = dict(BLOCK_N=64, BLOCK_J=64, BLOCK_K=32)
-_HB_EXPAND = dict(BLOCK_N=64, BLOCK_D=64, BLOCK_K=32)
 _WIDE = dict(BLOCK_N=128, BLOCK_J=128, BLOCK_K=32)
+# The chain kernels (forward, dz backward) with every CUDA autotune config: the rank loop runs in BLOCK_R chunks, so
+# these cover ranks 256 and 1024 (rank is a runtime argument).
+_HB_CHAIN = {f"n{c['BLOCK_N']}-r{c['BLOCK_R']}-d{c['BLOCK_D']}": c for c in (
+    dict(BLOCK_N=32, BLOCK_K=32, BLOCK_D=64, BLOCK_R=32), dict(BLOCK_N=64, BLOCK_K=32, BLOCK_D=64, BLOCK_R=64),
+    dict(BLOCK_N=64, BLOCK_K=64, BLOCK_D=128, BLOCK_R=64), dict(BLOCK_N=128, BLOCK_K=32, BLOCK_D=64, BLOCK_R=32))}
 SPECS: dict[str, list[tuple[str, dict, dict]]] = {
     "_running_stats_update_fwd_kernel": [
         (dt, {"keys_ptr": f"*{dt}", "vgrads_ptr": f"*{dt}"}, dict(BLOCK_M=32, BLOCK_D=128))
@@ -49,23 +53,21 @@ SPECS: dict[str, list[tuple[str, dict, dict]]] = {
         for flag in (True, False)],
     "_value_targets_eta_bwd_kernel": [("fp32", {"idx_ptr": "*i64"}, dict(BLOCK_N=1024))],
     "_hypernet_block_fwd_kernel": [
-        (f"{prec}-relu_first={rf}-normalize={norm}", {"idx_ptr": "*i64"},
-         dict(RELU_FIRST=rf, NORMALIZE=norm, EPS=2.0**-23, DOT_PRECISION=prec, BLOCK_N=64, BLOCK_K=32, BLOCK_D=64,
-              R_PAD=64))
-        for prec, rf, norm in (("ieee", True, True), ("tf32", True, True), ("tf32", False, False))],
+        (f"{prec}-relu_first={rf}-normalize={norm}-{label}", {"idx_ptr": "*i64"},
+         dict(RELU_FIRST=rf, NORMALIZE=norm, EPS=2.0**-23, DOT_PRECISION=prec, **_HB_CHAIN[label]))
+        for prec, rf, norm, label in [("ieee", True, True, "n32-r32-d64"), ("tf32", False, False, "n32-r32-d64")]
+        + [("tf32", True, True, label) for label in list(_HB_CHAIN)[1:]]],
     "_hypernet_block_rowgemm_kernel": [
-        (f"{prec}-{role}", {}, dict(NORM_X=norm, HAS_RES=res, SCALE_OUT=scale, EPS=2.0**-23, DOT_PRECISION=prec,
-                                    **blocks))
-        for prec in ("ieee", "tf32")
-        for role, norm, res, scale, blocks in (("proj", True, False, False, _HB_GEMM),
-                                               ("grad_z", False, True, True, _WIDE))],
-    "_hypernet_block_expand_kernel": [
-        (f"{prec}-store_p={sp}", {"idx_ptr": "*i64"},
-         dict(RELU_FIRST=True, NORMALIZE=not sp, STORE_P=sp, EPS=2.0**-23, DOT_PRECISION=prec, **_HB_EXPAND))
-        for prec, sp in (("ieee", False), ("tf32", False), ("tf32", True))],
-    "_hypernet_block_bwd_kernel": [
-        (f"relu_first={rf}", {"perm_ptr": "*i64", "offsets_ptr": "*i64"},
-         dict(RELU_FIRST=rf, BLOCK_N=32, BLOCK_D=128)) for rf in (True, False)],
+        (f"{prec}-norm_x={norm}", {}, dict(NORM_X=norm, EPS=2.0**-23, DOT_PRECISION=prec, **blocks))
+        for prec, norm, blocks in (("ieee", True, _HB_GEMM), ("tf32", False, _WIDE))],
+    "_hypernet_block_pi_bwd_kernel": [
+        (f"{prec}-relu_first={rf}", {"perm_ptr": "*i64", "offsets_ptr": "*i64"},
+         dict(RELU_FIRST=rf, DOT_PRECISION=prec, BLOCK_N=32, BLOCK_D=64, BLOCK_R=32))
+        for prec, rf in (("ieee", True), ("tf32", False))],
+    "_hypernet_block_dz_bwd_kernel": [
+        (f"{prec}-scale={scale}-{label}", {}, dict(SCALE_OUT=scale, EPS=2.0**-23, DOT_PRECISION=prec,
+                                                   **_HB_CHAIN[label]))
+        for prec, scale, label in (("ieee", True, "n32-r32-d64"), ("tf32", False, "n64-r64-d128"))],
     "_hypernet_block_wgrad_bwd_kernel": [
         (f"{prec}-norm_x={norm}", {}, dict(NORM_X=norm, EPS=2.0**-23, DOT_PRECISION=prec, BLOCK_I=128, BLOCK_J=128,
                                            BLOCK_K=32))

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from emsedit_fast import kernels
 from emsedit_fast import ops
 from emsedit_fast import reference
 from emsedit_fast.testing import assert_close_to_reference
@@ -12,22 +13,25 @@ from emsedit_fast.testing import hypernet_params
 from emsedit_fast.testing import randn
 from emsedit_fast.testing import require_backend
 
-# (layers, rows per layer, D, rank): one row, rank 1, primes, one and many layers
-CASES = [(1, 1, 5, 1), (3, 7, 13, 4), (2, 33, 64, 16), (4, 9, 97, 8)]
+# (layers, rows per layer, D, rank): one row, rank 1, primes, one and many layers, rank above 64 and above D (several
+# rank chunks in every backend), and ragged layers (rows per layer differ, one layer has none).
+CASES = [(1, 1, 5, 1), (3, 7, 13, 4), (2, 33, 64, 16), (4, 9, 97, 8), (2, 9, 40, 80), (4, (5, 0, 17, 2), 37, 20)]
 PARAM_NAMES = ("a", "b", "c", "s", "t")
 
 
 def _ids(case):
-    return f"L{case[0]}-n{case[1]}-D{case[2]}-r{case[3]}"
+    rows = case[1] if isinstance(case[1], int) else "-".join(map(str, case[1]))
+    return f"L{case[0]}-n{rows}-D{case[2]}-r{case[3]}"
 
 
 def _inputs(case, device, seed=0, trained=True, normalise=False):
     n_layers, n, d, rank = case
+    counts = [n] * n_layers if isinstance(n, int) else list(n)
     p = hypernet_params(d, rank, n_layers, seed=seed, trained=trained, device=device)
-    z = randn(n_layers * n, d, seed=seed + 10, device=device)
+    z = randn(sum(counts), d, seed=seed + 10, device=device)
     # rows of the layers interleaved and shuffled: the kernels must not assume sorted idx
-    idx = torch.arange(n_layers, device=device).repeat(n)[torch.randperm(n_layers * n, generator=torch.Generator()
-                                                                       .manual_seed(seed)).to(device)]
+    idx = torch.repeat_interleave(torch.arange(n_layers), torch.tensor(counts))
+    idx = idx[torch.randperm(idx.numel(), generator=torch.Generator().manual_seed(seed))].to(device)
     stats = {}
     if normalise:
         z = z * 2.0 + 0.5
@@ -75,11 +79,12 @@ def test_hypernet_block_grad_matches_reference(backend, case, relu_first, normal
 
 @pytest.mark.parametrize("backend", ["reference"] + backend_params())
 @pytest.mark.parametrize("relu_first", [True, False], ids=["relu_affine", "affine_relu"])
-def test_hypernet_block_backward_matches_autograd(backend, relu_first):
-    """The manual backward op (METHOD.md 8.4) equals PyTorch autograd of the reference forward, in fp64."""
+@pytest.mark.parametrize("case", [(3, 5, 11, 3), (2, 9, 40, 80), (4, (5, 0, 17, 2), 37, 20)], ids=_ids)
+def test_hypernet_block_backward_matches_autograd(backend, relu_first, case):
+    """The manual backward op equals PyTorch autograd of the reference forward in fp64, for z (here the raw rows x,
+    normaliser folded in), A, B, c, s and t: ragged layers, ranks from 3 to 80."""
     device = device_for(backend)
     require_backend(backend, device)
-    case = (3, 5, 11, 3)
     z, p, idx, stats = _inputs(case, device, normalise=True)
     grad_out = randn(*z.shape, seed=7, device=device)
     manual = ops.hypernet_block_backward(grad_out, z, *(p[k] for k in PARAM_NAMES), idx, relu_first=relu_first,
@@ -90,6 +95,23 @@ def test_hypernet_block_backward_matches_autograd(backend, relu_first):
     auto = torch.autograd.grad(out, leaves, grad_out.double())
     for name, a, e in zip(("z",) + PARAM_NAMES, manual, auto):
         assert_close_to_reference(a, e.float(), kind="reduction", label=f"{backend}-{name}")
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_hypernet_block_autograd_runs_the_fused_backward_op(backend):
+    """Backpropagating through the C++ or Triton block runs that backend's own backward op once (the fused pass that
+    recomputes p), not PyTorch autograd of the forward's pieces."""
+    device = device_for(backend)
+    require_backend(backend, device)
+    z, p, idx, stats = _inputs((2, 5, 9, 3), device, normalise=True)
+    leaves = [p[k].clone().requires_grad_() for k in PARAM_NAMES]
+    out = ops.hypernet_block(z, *leaves, idx, backend=backend, **stats)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out.sum().backward()
+    prefix = "triton_" if backend == "triton" else ""
+    names = [e.name for e in prof.events()]
+    assert names.count(f"emsedit_fast::{prefix}hypernet_block_backward") == 1, sorted(set(names))
+    assert all(x.grad is not None for x in leaves)
 
 
 @pytest.mark.parametrize("backend", ["reference"] + backend_params())
@@ -130,17 +152,17 @@ def test_hypernet_block_mutates_only_declared_args(backend):
         assert torch.equal(a, b)
 
 
-def test_hypernet_block_opcheck():
-    """Schema, fake tensor and autograd registration of the C++ op (the full check needs the op registered)."""
-    from emsedit_fast import _ext
+@pytest.mark.interpret
+def test_hypernet_block_interpreter_runs_rank_chunks():
+    """Under the interpreter the Triton block works in small row, column and rank tiles: the rank-80 and D-97 cases
+    above loop over several rank chunks and column tiles, and the 66-row case over several row tiles."""
+    if not kernels.interpreting():
+        pytest.skip("checks the interpreter's launch configuration")
+    from emsedit_fast.kernels import hypernet_block as hb_kernels
 
-    if _ext.load_error() is not None:
-        pytest.skip(f"cpp unavailable: {_ext.load_error()}")
-    z, p, idx, stats = _inputs((2, 3, 6, 2), "cpu", normalise=True)
-    args = (z.requires_grad_(), *(p[k].requires_grad_() for k in PARAM_NAMES), idx, True, stats["mean"],
-            stats["std"])
-    torch.library.opcheck(torch.ops.emsedit_fast.hypernet_block.default, args,
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    for tuned in (hb_kernels._FWD, hb_kernels._DZ):
+        meta = hb_kernels._chain_meta(tuned, 66, 97, 80)
+        assert 80 > 2 * meta["BLOCK_R"] and 97 > 2 * meta["BLOCK_D"] and 66 > 2 * meta["BLOCK_N"], meta
 
 
 def test_hypernet_block_rejects_bad_shapes():
