@@ -1,8 +1,14 @@
 """Tolerances and comparison helpers shared by the tests and the benchmarks' correctness gates.
 
-Rules (DESIGN.md section 6.2):
+A check must fail for a wrong result whatever the magnitude of the outputs: a kernel that returns zeros, or hands
+its input back unchanged, must not pass (tests/ops/test_gates.py shows it for every op). So the absolute part of
+every tolerance scales with the expected result:
+
+    |actual - expected| <= atol * s + rtol * |expected|    elementwise,
+    s = max |expected|, or max |expected - before| when `before` (the input of an in-place op) is given
+
     fp64                    rtol 1e-7, atol 1e-7
-    fp32, short reductions  rtol 1.3e-6, atol 1e-5 (torch defaults)
+    fp32, short reductions  rtol 1.3e-6, atol 1e-5 (torch's defaults, atol relative to s)
     fp32, long reductions   rtol 1e-5, atol 1e-4 (GEMMs with K >= 1024, solves)
     bf16, fp16, TF32 dots   the relative rule: the fast result may be at most twice as far from an fp64 oracle as the
                             same-dtype reference, plus a floor (bf16 1e-3, fp16 1e-4, fp32 1e-5)
@@ -22,7 +28,8 @@ TOLERANCES = {
 RELATIVE_RULE_FLOOR = {torch.bfloat16: 1e-3, torch.float16: 1e-4, torch.float32: 1e-5, torch.float64: 1e-12}
 
 
-def _mismatch_report(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float, label: str) -> str:
+def _mismatch_report(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float, label: str,
+                     scale_note: str) -> str:
     a = actual.detach().double().cpu()
     e = expected.detach().double().cpu()
     nan_mismatch = int((a.isnan() != e.isnan()).sum())
@@ -31,7 +38,7 @@ def _mismatch_report(actual: torch.Tensor, expected: torch.Tensor, rtol: float, 
     bad = diff > atol + rtol * e.abs()
     bad = bad | (a.isnan() != e.isnan())
     n_bad = int(bad.sum())
-    lines = [f"[{label}] {n_bad} of {a.numel()} elements mismatch (rtol={rtol:g}, atol={atol:g}); "
+    lines = [f"[{label}] {n_bad} of {a.numel()} elements mismatch (rtol={rtol:g}, atol={atol:.3g} = {scale_note}); "
              f"max abs diff {diff.nan_to_num(0).max().item() if diff.numel() else 0:.3e}; "
              f"NaN mismatches {nan_mismatch}, inf mismatches {inf_mismatch}"]
     if n_bad:
@@ -42,17 +49,38 @@ def _mismatch_report(actual: torch.Tensor, expected: torch.Tensor, rtol: float, 
     return "\n".join(lines)
 
 
+def reference_scale(expected: torch.Tensor, before: torch.Tensor | None = None) -> float:
+    """s of the rule above: max |expected| (or max |expected - before|), 0.0 for an empty or all-zero tensor."""
+    e = expected.detach().double().cpu()
+    if before is not None:
+        e = e - before.detach().double().cpu()
+    finite = e[torch.isfinite(e)]
+    return finite.abs().max().item() if finite.numel() else 0.0
+
+
 def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor, *, kind: str = "elementwise",
-                              label: str = "", dtype: torch.dtype | None = None) -> None:
-    """Compare with the table above for fp32/fp64 (kind: 'elementwise' or 'reduction')."""
+                              label: str = "", dtype: torch.dtype | None = None,
+                              before: torch.Tensor | None = None) -> None:
+    """Compare with the table above for fp32/fp64 (kind: 'elementwise' or 'reduction').
+
+    before: the input an in-place op started from; the absolute tolerance then scales with the expected change, so a
+    kernel that leaves its input unchanged fails even when the change is small next to the input. Where the
+    expected result (or change) is exactly zero everywhere, atol is absolute.
+    """
     dtype = dtype or expected.dtype
     if (dtype, kind) not in TOLERANCES:
         raise ValueError(f"no fixed tolerance for {dtype}/{kind}: use assert_relative_rule")
     assert actual.shape == expected.shape, f"[{label}] shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     rtol, atol = TOLERANCES[(dtype, kind)]
+    scale = reference_scale(expected, before)
+    what = "expected change" if before is not None else "expected output"
+    if scale > 0:
+        atol, note = atol * scale, f"{atol:g} x max |{what}| {scale:.3g}"
+    else:
+        note = f"absolute: the {what} is all zeros"
     ok = torch.allclose(actual.detach().double().cpu(), expected.detach().double().cpu(), rtol=rtol, atol=atol,
                         equal_nan=True)
-    assert ok, _mismatch_report(actual, expected, rtol, atol, label)
+    assert ok, _mismatch_report(actual, expected, rtol, atol, label, note)
 
 
 def assert_relative_rule(fast: torch.Tensor, ref_same_dtype: torch.Tensor, oracle: torch.Tensor, *,

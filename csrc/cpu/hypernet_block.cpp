@@ -1,5 +1,5 @@
 // hypernet_block / hypernet_block_backward on the CPU (reference: emsedit_fast/reference/hypernet_block.py;
-// METHOD.md sections 6.1 and 8.4).
+// docs/method.md, "Hypernetwork" and "Meta-gradient").
 //
 // For rows z (N x D) of all layers stacked, with layer index idx (N,):
 //   a = z A (N x r),  p = a B + c (N x D)
@@ -15,7 +15,7 @@
 //      s[idx], t[idx], residual. Memory traffic of stage 2: reads z0 and writes z' once; p never exists as an N x D
 //      tensor (the reference materialises p, the mask, relu(p), s[idx], t[idx], h and z' separately).
 //
-// Backward (METHOD.md 8.4), recomputing a and p:
+// Backward, recomputing a and p:
 //   column-block pass: for each block of columns (in parallel), walk the row tiles in row order: p tile by GEMM,
 //   then in one fused loop the mask, pi = s[idx] * gamma * [p >= 0] (N x D, needed by two GEMMs), and the
 //   per-column reductions dc, ds[idx], dt[idx] in fp64. A column block owns its columns of dc, ds, dt, so the

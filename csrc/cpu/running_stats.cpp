@@ -4,7 +4,7 @@
 // read keys (m x d_in) and value_grads (m x d_out) in place, in whatever float dtype they arrive.
 //
 //   update_:    merge the batch into (count f64 (1,), mean, var, std fp32 (D,)) with Chan, Golub and LeVeque's
-//               parallel formula, in fp64 (METHOD.md section 5)
+//               parallel formula, in fp64 (docs/method.md, "Running normaliser")
 //   normalize:  Z = (x - mean) / (std + eps), a new (m, D) fp32 tensor
 
 #include <torch/extension.h>

@@ -1,5 +1,5 @@
 // hypernet_block / hypernet_block_backward on CUDA (reference: emsedit_fast/reference/hypernet_block.py;
-// METHOD.md sections 6.1 and 8.4).
+// docs/method.md, "Hypernetwork" and "Meta-gradient").
 //
 //   a = z0 A (N x r),  p = a B + c,  h = s[idx] * relu(p) + t[idx]  (or relu(s[idx] * p + t[idx])),  z' = z0 + h
 //

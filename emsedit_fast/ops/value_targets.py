@@ -71,11 +71,12 @@ def check_value_targets(keys, z, eta, idx, grad_targets=None, grad_coeffs=None, 
     _checks.index(op, idx, n)
     if op == "value_targets_backward":
         d_out = z.shape[1] - d_in
-        _checks.check(grad_targets is not None and grad_targets.shape == (n, d_out), op,
-                      f"grad_targets must be ({n}, {d_out}), got "
-                      f"{_checks.shape(grad_targets) if grad_targets is not None else None}")
-        _checks.check(grad_coeffs is None or grad_coeffs.shape == (n,), op,
-                      f"grad_coeffs must be ({n},) or None, got {_checks.shape(grad_coeffs)}")
+        _checks.check(grad_targets is not None, op, "grad_targets must be given")
+        _checks.check(grad_targets.shape == (n, d_out), op,
+                      f"grad_targets must be ({n}, {d_out}), got ({_checks.shape(grad_targets)})")
+        if grad_coeffs is not None:
+            _checks.check(grad_coeffs.shape == (n,), op,
+                          f"grad_coeffs must be ({n},) or None, got ({_checks.shape(grad_coeffs)})")
     _checks.dtype(op, (torch.float32,), keys=keys, z=z, eta=eta, grad_targets=grad_targets, grad_coeffs=grad_coeffs)
     _checks.same_device(op, keys=keys, z=z, eta=eta, idx=idx, grad_targets=grad_targets, grad_coeffs=grad_coeffs)
 

@@ -1,4 +1,4 @@
-"""In-place weight updates of the edited layers (METHOD.md section 7.6).
+"""In-place weight updates of the edited layers (docs/method.md, "Applying and undoing an update").
 
 Low-rank form (dual solve, MEND):  W_l <- round(W_l + alpha_l * M_l^T K_l)
 Dense form (primal solve):         W_l <- round(W_l + alpha_l * S_l^T)

@@ -1,4 +1,4 @@
-"""One residual low-rank hypernetwork block (METHOD.md sections 6.1 and 8.4).
+"""One residual low-rank hypernetwork block (docs/method.md, "Hypernetwork" and "Meta-gradient").
 
 For rows z (N x D) whose layer index is idx (N,):
 
@@ -79,7 +79,7 @@ def hypernet_block_backward(
     mean: torch.Tensor | None = None,
     std: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """Manual backward of `hypernet_block` (METHOD.md section 8.4), recomputing the forward.
+    """Manual backward of `hypernet_block`, recomputing the forward (the formulas below).
 
     grad_out: (N, D) = dL/dz'. Returns (grad_z (N, D), grad_a (D, r), grad_b (r, D), grad_c (D,), grad_s (L, D),
     grad_t (L, D)). With mean/std given, grad_z is the gradient with respect to the raw rows x.

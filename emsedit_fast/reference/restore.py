@@ -1,4 +1,4 @@
-"""Exact restore of edited weights from snapshots (METHOD.md section 7.6).
+"""Exact restore of edited weights from snapshots (docs/method.md, "Applying and undoing an update").
 
 Reverting by subtracting the delta again is not exact in low precision (round(round(W + d) - d) != W in bf16), so
 every revert copies bytes back from a snapshot taken before the edit.

@@ -1,4 +1,5 @@
-"""Ridge least squares from value targets to one weight shift per layer (METHOD.md sections 7.3-7.5 and 8.2).
+"""Ridge least squares from value targets to one weight shift per layer (docs/method.md, "Ridge least squares"
+and "Meta-gradient").
 
 For layer l with keys U (n x d_in), targets V (n x d_out) and ridge beta = exp(log_ridge):
 

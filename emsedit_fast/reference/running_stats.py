@@ -1,4 +1,4 @@
-"""Running normaliser over hypernetwork input rows x = [u ; delta] (METHOD.md section 5).
+"""Running normaliser over hypernetwork input rows x = [u ; delta] (docs/method.md, "Running normaliser").
 
 State per hypernetwork: count N (1,) float64, mean mu (D,), population variance v (D,), sample std sigma (D,), all
 fp32 except the count. An update merges a batch X (m x D) with the parallel formula of Chan, Golub and LeVeque:
@@ -15,7 +15,8 @@ d_in columns, value-grads (m x d_out) the rest.
 
 import torch
 
-# fp32 machine epsilon, 2^-23: the normaliser's denominator guard (METHOD.md section 5).
+# fp32 machine epsilon, 2^-23: the normaliser's denominator guard, z = (x - mu) / (sigma + EPS). Public name:
+# emsedit_fast.ops.NORM_EPS.
 EPS = 2.0**-23
 
 

@@ -1,4 +1,4 @@
-"""Value targets from pseudo pairs (METHOD.md sections 7.2 and 8.3).
+"""Value targets from pseudo pairs (docs/method.md, "Value targets" and "Meta-gradient").
 
 With the hypernetwork output z = [u~ | delta~] (normalised space) and the raw keys u:
 

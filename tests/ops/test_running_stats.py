@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from emsedit_fast import kernels
 from emsedit_fast import ops
 from emsedit_fast import reference
 from emsedit_fast.testing import assert_close_to_reference
@@ -41,13 +42,14 @@ def test_running_stats_update__matches_reference(backend, dtype, shape):
     reference.running_stats_update_(*fast, *first)
     reference.running_stats_update_(*ref, *first)
     second = _rows(m, d_in, d_out, 20, dtype, device)
+    before = [x.clone() for x in fast]
     with ops.record_backends() as seen:
         ops.running_stats_update_(*fast, *second, backend=backend)
     assert seen == {"running_stats_update_": {backend}}
     reference.running_stats_update_(*ref, *second)
     assert torch.equal(fast[0], ref[0])
-    for name, a, e in zip(("mean", "var", "std"), fast[1:], ref[1:]):
-        assert_close_to_reference(a, e, kind="reduction", label=f"{backend}-{name}")
+    for name, a, e, b in zip(("mean", "var", "std"), fast[1:], ref[1:], before[1:]):
+        assert_close_to_reference(a, e, kind="reduction", label=f"{backend}-{name}", before=b)
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -80,6 +82,21 @@ def test_running_stats_update__any_partition_equals_one_shot(backend):
     assert_close_to_reference(state[2], x.var(0, unbiased=False).float(), kind="reduction", label="var")
     m2 = ((x - x.mean(0)) ** 2).sum(0)
     assert_close_to_reference(state[3], (m2 / (40 - 1 + 1e-8)).sqrt().float(), kind="reduction", label="std")
+
+
+@pytest.mark.interpret
+def test_running_stats_update__interpreter_splits_rows():
+    """Under the interpreter the Triton update splits the 130-row case into several slices of two row tiles each, so
+    the tests above run the per-slice statistics, their multi-tile row loops and the merge, not a single slice."""
+    if not kernels.interpreting():
+        pytest.skip("checks the interpreter's launch configuration")
+    from emsedit_fast.kernels import _common
+    from emsedit_fast.kernels import running_stats as rs_kernels
+
+    cfg = _common.pick(**rs_kernels._UPDATE_CONFIG, BLOCK_M=130, BLOCK_D=134)
+    n_splits, rows_per_split = rs_kernels.row_splits(130, cfg["BLOCK_M"], 134 // cfg["BLOCK_D"] + 1,
+                                                     torch.device("cpu"))
+    assert n_splits >= 3 and rows_per_split == 2 * cfg["BLOCK_M"]
 
 
 @pytest.mark.parametrize("backend", ["reference"] + backend_params())

@@ -66,7 +66,7 @@ def test_value_targets_grad_matches_reference(backend, case, use_coeffs):
 
 @pytest.mark.parametrize("backend", ["reference"] + backend_params())
 def test_value_targets_backward_matches_autograd(backend):
-    """The manual backward (METHOD.md 8.3) equals autograd of the reference forward in fp64."""
+    """The manual backward equals autograd of the reference forward in fp64."""
     device = device_for(backend)
     require_backend(backend, device)
     keys, z, eta, idx = _inputs((3, 5, 7, 6), device)
