@@ -87,7 +87,9 @@ class HyperNet(nn.Module):
         """
         mean = self.stats.mean if mean is None else mean
         std = self.stats.scale() if std is None else std
-        z = ops.running_stats_normalize(keys, value_grads, mean, std, ops.NORM_EPS, backend=backend)
-        for a, b, c, s, t in zip(self.a, self.b, self.c, self.s, self.t):
-            z = ops.hypernet_block(z, a, b, c, s, t, idx, relu_first=self.relu_first, backend=backend)
+        # the normaliser is folded into the first block: z0 = (x - mean) / (std + eps) is never materialised
+        z = torch.cat([keys, value_grads], dim=1)
+        for b, (a, bb, c, s, t) in enumerate(zip(self.a, self.b, self.c, self.s, self.t)):
+            fold = {"mean": mean, "std": std} if b == 0 else {}
+            z = ops.hypernet_block(z, a, bb, c, s, t, idx, relu_first=self.relu_first, backend=backend, **fold)
         return z
