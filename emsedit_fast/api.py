@@ -24,6 +24,7 @@ from emsedit_fast.editors import Editor
 from emsedit_fast.editors import build_editor
 from emsedit_fast.models.adapter import EditedModule
 from emsedit_fast.models.adapter import default_module_patterns
+from emsedit_fast.models.adapter import promote_edited_modules
 from emsedit_fast.models.adapter import resolve_modules
 from emsedit_fast.protocol import evaluate_protocol  # noqa: F401  (part of the API)
 from emsedit_fast.protocol import evaluate_slices  # noqa: F401  (part of the API)
@@ -104,6 +105,8 @@ def open_session(cfg: RunConfig | None = None, *, checkpoint: str | None = None,
         model.requires_grad_(False)
     patterns = list(cfg.model.modules) or default_module_patterns(model, cfg.train.mode)
     modules = resolve_modules(model, patterns)
+    if cfg.model.edited_dtype != "model":
+        promote_edited_modules(modules, torch.float32)
     editor = build_editor(model, modules, cfg.editor, cfg.train.mode, seed=cfg.seed,
                           device=resolve_device(str(editor_device)) if editor_device is not None else device)
     session = Session(cfg, model, tokenizer, modules, editor, device, checkpoint=meta)
@@ -115,7 +118,7 @@ def open_session(cfg: RunConfig | None = None, *, checkpoint: str | None = None,
         from emsedit_fast.journal import open_journal
 
         session.journal, session.header = open_journal(
-            journal, model, modules, model_name=cfg.model.name,
+            journal, model, modules, model_name=cfg.model.name, model_dtype=cfg.model.dtype,
             checkpoint_id=ckpt.checkpoint_hash(meta) if meta is not None else None, editor=editor,
             allow_backend_change=allow_backend_change)
     return session

@@ -42,6 +42,9 @@ class ModelConfig:
     device: str = "auto"  # "auto" = cuda when available, else cpu
     modules: tuple[str, ...] = ()  # regexes over module names; () = the architecture's default list
     max_length: int = 128
+    # the edited layers' weights in a bf16 / fp16 model: kept in float32 (auto: when the model is not fp32), so
+    # that edits are not rounded away, or left in the model's dtype ("model")
+    edited_dtype: Literal["auto", "float32", "model"] = "auto"
 
     def __post_init__(self):
         _check(self.max_length >= 8, "model.max_length", "must be >= 8")

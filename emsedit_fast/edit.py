@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import sys
 
 from emsedit_fast.cli import run_command
@@ -179,9 +178,9 @@ def _without_editor(args, journal_dir) -> int:
     from emsedit_fast.config import config_from_args
     from emsedit_fast.editfiles import apply_edit_file
     from emsedit_fast.editfiles import load_edit_file
+    from emsedit_fast.editfiles import prepare_base
     from emsedit_fast.journal import Journal
     from emsedit_fast.journal import open_journal
-    from emsedit_fast.models.adapter import resolve_modules
 
     header = {}
     if args.apply_edit:
@@ -193,7 +192,8 @@ def _without_editor(args, journal_dir) -> int:
     name = args.model or header.get("model")
     if not name:
         raise ValueError("which model? pass --model (the journal / edit file does not name one)")
-    model_section = {"name": name, **({"dtype": header["dtype"]} if header.get("dtype") else {})}
+    dtype = header.get("model_dtype") or header.get("dtype")
+    model_section = {"name": name, **({"dtype": dtype} if dtype else {})}
     cfg = config_from_args(argparse.Namespace(**{**vars(args), "mode": None}), defaults={"model": model_section},
                            editor="emsedit")
     model, tokenizer, device = api.load_model(cfg)
@@ -204,8 +204,8 @@ def _without_editor(args, journal_dir) -> int:
         return 0
     if not header.get("modules"):
         raise ValueError(f"{journal_dir}: the journal has no base snapshot yet (no edits recorded)")
-    modules = resolve_modules(model, [re.escape(m["name"]) for m in header["modules"]])
-    journal, header = open_journal(journal_dir, model, modules, model_name=cfg.model.name,
+    modules = prepare_base(header, model)
+    journal, header = open_journal(journal_dir, model, modules, model_name=cfg.model.name, model_dtype=cfg.model.dtype,
                                    allow_backend_change=args.allow_backend_change)
     _revert_and_compact(args, journal, model, device)
     edits = journal.active_factors() if (args.save_edit or args.export_lora) else []

@@ -163,14 +163,29 @@ def weights_by_name(model: torch.nn.Module, names) -> dict[str, torch.Tensor]:
     return {n: mods[n].weight.data for n in names}
 
 
-def base_header(model, modules, model_name: str | None = None) -> dict:
-    """What a journal's base snapshot and every edit file record about the base model."""
+def base_header(model, modules, model_name: str | None = None, model_dtype: str | None = None) -> dict:
+    """What a journal's base snapshot and every edit file record about the base model: its name, the model's dtype
+    and the edited weights' dtype (float32 in a bf16 model whose edited layers are promoted), the fingerprint of the
+    edited weights, and the edited modules."""
     from emsedit_fast.models.adapter import fingerprint
 
-    return {"model": model_name, "dtype": str(modules[0].weight.dtype).removeprefix("torch."),
+    dtype = str(modules[0].weight.dtype).removeprefix("torch.")
+    return {"model": model_name, "model_dtype": model_dtype or dtype, "dtype": dtype,
             "base_fingerprint": fingerprint(model, modules),
             "modules": [{"name": m.name, "d_in": m.d_in, "d_out": m.d_out, "transposed": m.transposed}
                         for m in modules]}
+
+
+def prepare_base(header: dict, model: torch.nn.Module):
+    """The edited modules a header names, resolved on `model` and promoted to the recorded edited dtype when the
+    edits were made on promoted (fp32) layers of a lower-precision model: the state the edits' base had."""
+    from emsedit_fast.models.adapter import promote_edited_modules
+    from emsedit_fast.models.adapter import resolve_modules
+
+    modules = resolve_modules(model, [re.escape(m["name"]) for m in header["modules"]])
+    if header.get("dtype") == "float32" and header.get("model_dtype", "float32") != "float32":
+        promote_edited_modules(modules, torch.float32)
+    return modules
 
 
 def check_base(header: dict, model: torch.nn.Module, modules=None) -> None:
@@ -178,13 +193,12 @@ def check_base(header: dict, model: torch.nn.Module, modules=None) -> None:
 
     Compares the current weights' fingerprint with the recorded base fingerprint (call on the UNEDITED model)."""
     from emsedit_fast.models.adapter import fingerprint
-    from emsedit_fast.models.adapter import resolve_modules
 
     want = header.get("base_fingerprint")
     if want is None:
         return
     if modules is None:
-        modules = resolve_modules(model, [re.escape(m["name"]) for m in header["modules"]])
+        modules = prepare_base(header, model)
     got = fingerprint(model, modules)
     if got != want:
         raise JournalError(f"the model is not the base these edits were made on (fingerprint {got[:12]} != recorded "
@@ -196,8 +210,9 @@ def apply_edit_file(model, path: str, *, check: bool = True, allow_backend_chang
     """Apply the edits of an edit file to the unedited `model`, in order, on their recorded backends: bit-identical
     to the model they were made on. check: refuse another base model. Returns (edits, header)."""
     edits, header = load_edit_file(path)
+    modules = prepare_base(header, model)
     if check:
-        check_base(header, model)
+        check_base(header, model, modules)
     weights = weights_by_name(model, [m["name"] for m in header["modules"]])
     for edit in edits:
         apply_edit_(weights, edit, allow_backend_change=allow_backend_change)

@@ -410,8 +410,9 @@ class Journal:
         return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(self.path) for f in files)
 
 
-def open_journal(path: str, model, modules, *, model_name: str | None = None, checkpoint_id: str | None = None,
-                 editor=None, allow_backend_change: bool = False) -> tuple[Journal, dict]:
+def open_journal(path: str, model, modules, *, model_name: str | None = None, model_dtype: str | None = None,
+                 checkpoint_id: str | None = None, editor=None, allow_backend_change: bool = False
+                 ) -> tuple[Journal, dict]:
     """Open (or start) the journal at `path` for the UNEDITED `model` and bring the model to the journal's state.
 
     Checks that the journal edits these modules of this base model (refusing anything else), writes the base snapshot
@@ -420,7 +421,7 @@ def open_journal(path: str, model, modules, *, model_name: str | None = None, ch
     Returns (journal, header).
     """
     journal = Journal(path)
-    header = base_header(model, modules, model_name)
+    header = base_header(model, modules, model_name, model_dtype)
     if journal.has_base():
         saved = journal.header()
         names = [m["name"] for m in saved["modules"]]
@@ -430,6 +431,7 @@ def open_journal(path: str, model, modules, *, model_name: str | None = None, ch
             raise JournalError(f"{path}: the model is not the journal's base model (fingerprint differs: other "
                                "weights, dtype or architecture, or an already edited model)")
         header["model"] = saved.get("model") or header["model"]
+        header["model_dtype"] = saved.get("model_dtype", header["model_dtype"])
     weights = weights_by_name(model, [m.name for m in modules])
     journal.write_base({n: w.detach().cpu() for n, w in weights.items()}, header)
     if journal.orphans():

@@ -227,3 +227,37 @@ def test_stale_writer_is_refused(tmp_path):
     with pytest.raises(JournalError, match="changed since it was opened"):
         stale.mark_reverted(1)
     assert journal_header(session.model, session.modules)["modules"] == header["modules"]
+
+
+def test_bf16_model_keeps_its_edited_layers_in_fp32_and_replays_exactly(tmp_path):
+    """model.edited_dtype auto: in a bf16 model the edited layers run in fp32 (edits are not rounded away); the journal
+    and edit files replay onto a freshly loaded bf16 model bit for bit."""
+    from emsedit_fast.editfiles import apply_edit_file
+    from emsedit_fast.editfiles import prepare_base
+
+    def fresh():
+        model = tiny_llama().to(torch.bfloat16)
+        model.requires_grad_(False)
+        return model
+
+    cfg = load("emsedit", mode="sequential", overrides=["editor.rank=8", "editor.eta_init=0.05",
+                                                        "train.micro_batch=3", "model.dtype=bfloat16"])
+    session = api.open_session(cfg, model=fresh(), tokenizer=tiny_tokenizer(), journal=str(tmp_path / "j"))
+    assert {m.weight.dtype for m in session.modules} == {torch.float32}
+    others = [p for n, p in session.model.named_parameters()
+              if not any(n.startswith(m.name + ".") for m in session.modules)]
+    assert {p.dtype for p in others} == {torch.bfloat16}
+    results, _ = api.edit(session, bundled_facts("eval")[:6], n_edits=3, measure=False, progress=False)
+    assert len(results) == 2 and session.header["model_dtype"] == "bfloat16" and session.header["dtype"] == "float32"
+    edited = _state(session)
+    save_edit_file(str(tmp_path / "e.safetensors"), session.journal.active_factors(), session.header)
+
+    other = fresh()
+    modules = prepare_base(session.header, other)
+    open_journal(str(tmp_path / "j"), other, modules, model_name="tiny-llama", model_dtype="bfloat16")
+    assert _equal([m.weight.data for m in modules], edited)
+    third = fresh()
+    apply_edit_file(third, str(tmp_path / "e.safetensors"))
+    assert _equal(list(weights_by_name(third, [m.name for m in modules]).values()), edited)
+    ids = torch.tensor([[1, 5, 7, 9]])
+    assert third(input_ids=ids).logits.dtype == torch.bfloat16  # a drop-in: the output keeps the model's dtype

@@ -62,6 +62,41 @@ class EditedModule:
         return self.d_in, self.d_out, self.transposed
 
 
+def promote_edited_modules(modules: Sequence[EditedModule], dtype: torch.dtype = torch.float32) -> int:
+    """Keep the edited modules' weights (and biases) in `dtype` inside a lower-precision model; returns how many
+    modules were promoted (0 when they already are).
+
+    An edit changes a weight by a small amount: in a bf16 weight (8 significant bits) a change below half a unit in
+    the last place, about 0.2-0.4% of |W|, rounds away, and successive edits lose their sum. With the edited layers
+    in fp32 the edits land as they would in an fp32 model, while the rest of the model stays in its dtype (the edited
+    layers are a few percent of the parameters). A forward pre-hook casts the module's input to `dtype` and a
+    forward hook casts its output back to the input's dtype, so the module is a drop-in for its neighbours. Undo,
+    journals, edit files and LoRA export work on these fp32 weights and stay exact.
+    """
+    promoted = 0
+    for m in modules:
+        mod = m.module
+        if getattr(mod, "_emsedit_promoted", None) is not None or mod.weight.dtype == dtype:
+            continue
+        original = mod.weight.dtype
+        with torch.no_grad():
+            mod.weight.data = mod.weight.data.to(dtype)  # exact: every bf16/fp16 value is an fp32 value
+            if getattr(mod, "bias", None) is not None:
+                mod.bias.data = mod.bias.data.to(dtype)
+
+        def to_dtype(module, args, dtype=dtype):
+            return (args[0].to(dtype),) + tuple(args[1:]) if args and torch.is_tensor(args[0]) else None
+
+        def back(module, args, output, original=original):
+            return output.to(original) if torch.is_tensor(output) else output
+
+        mod.register_forward_pre_hook(to_dtype)
+        mod.register_forward_hook(back)
+        mod._emsedit_promoted = original
+        promoted += 1
+    return promoted
+
+
 def module_layout(module: nn.Module) -> tuple[int, int, bool]:
     """(d_in, d_out, transposed) of an `nn.Linear` or GPT-2 `Conv1D`; TypeError for anything else.
 
