@@ -218,7 +218,7 @@ def _loud(message: str) -> None:
     warnings.warn(message, stacklevel=2)
 
 
-def _cuda_decision(torch, build_ext_mode: str, want_cuda: str) -> tuple[bool, str | None, str | None]:
+def _cuda_decision(torch, want_cuda: str) -> tuple[bool, str | None, str | None]:
     """(build the CUDA sources?, CUDA_HOME, why not when not). Exits with a clear message when EMSEDIT_FAST_CUDA=1
     cannot be honoured."""
     if want_cuda == "0":
@@ -260,7 +260,7 @@ def _extensions_and_cmdclass(build_ext_mode: str, want_cuda: str, debug: bool):
         warnings.warn(f"emsedit_fast: torch not importable at build time ({err}); installing without _C.")
         return [], {}
 
-    use_cuda, cuda_home, no_cuda_reason = _cuda_decision(torch, build_ext_mode, want_cuda)
+    use_cuda, cuda_home, no_cuda_reason = _cuda_decision(torch, want_cuda)
     if cuda_home is not None:
         os.environ["CUDA_HOME"] = cuda_home  # before cpp_extension computes its own guess at import
     from torch.utils import cpp_extension

@@ -42,20 +42,29 @@ setup_if_needed() {
   if ! "$PY" scripts/install_stamp.py check; then setup; fi
 }
 
+# timed NAME CMD...: run CMD, then say how long it took
+timed() {
+  local name=$1 t=$SECONDS
+  shift
+  "$@"
+  echo "dev.sh: $name took $((SECONDS - t))s"
+}
+
 run_tests() {
-  # 1. default tier: reference, C++ on the CPU, Triton AOT compilation for sm_90, editors, data, CLI
-  "$PY" -m pytest -q -m "not interpret" tests
+  # 1. default tier: reference, C++ on the CPU, Triton AOT compilation for sm_90 (tests/test_triton_compile.py, the
+  #    compile part of scripts/gpu_check.sh --dry-run), editors, data, CLI
+  timed "default tier" "$PY" -m pytest -q -m "not interpret" tests
   # 2. Triton kernels under the interpreter: the flag must be set before triton is imported, hence its own process
-  TRITON_INTERPRET=1 "$PY" -m pytest -q -m interpret tests
+  TRITON_INTERPRET=1 timed "interpreter tier" "$PY" -m pytest -q -m interpret tests
   # 3. benchmarks in smoke mode, so they never rot (tiny shapes, one round, correctness gates still checked)
-  "$PY" -m pytest -q benchmarks --benchmark-only --smoke
+  timed "benchmark smoke run" "$PY" -m pytest -q benchmarks --benchmark-only --smoke
 }
 
 cmd=${1:-test}
 shift || true
 case "$cmd" in
   setup) setup ;;
-  test) setup_if_needed && run_tests ;;
+  test) timed setup setup_if_needed && run_tests ;;
   train) setup_if_needed && "$PY" -m emsedit_fast.train "$@" ;;
   *) echo "usage: bash scripts/dev.sh setup|test|train [args]" >&2; exit 2 ;;
 esac

@@ -214,3 +214,44 @@ def test_cuda_kernels_status_says_why_and_shouts_on_a_gpu_machine():
     failed = {"cuda": True, "built": False, "error": "RuntimeError: Error compiling objects for extension"}
     assert "the last build failed (RuntimeError: Error compiling" in cuda_kernels_status(False, "13.0", True, failed)
     assert "rebuild to see why" in cuda_kernels_status(False, "13.0", False, {})
+
+
+class _FakeTorch:
+    """What setup.py's CUDA decision reads of torch: the version, torch.version.cuda, torch.cuda.is_available()."""
+
+    def __init__(self, cuda, gpu):
+        self.__version__ = "2.14.1+cu130" if cuda else "2.13.0+cpu"
+        self.version = type("V", (), {"cuda": cuda})
+        self.cuda = type("C", (), {"is_available": staticmethod(lambda: gpu)})
+
+
+def test_cuda_decision_without_a_toolkit(monkeypatch, capsys):
+    """A GPU machine without a usable toolkit: auto mode builds the CPU kernels but says loudly that the CUDA ones are
+    lost and why; EMSEDIT_FAST_CUDA=1 stops with the same reason; no GPU and no arch list: quietly CPU only."""
+    s = _setup_module()
+    monkeypatch.setattr(s, "locate_cuda_home", lambda: (None, ["nvcc on PATH (/usr/local/bin/nvcc): /usr/local lacks "
+                                                               "lib64/libcudart.so or lib/libcudart.so"]))
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    with pytest.warns(UserWarning, match="this machine has a GPU but the CUDA kernels will NOT be built"):
+        use, home, why = s._cuda_decision(_FakeTorch("13.0", gpu=True), "auto")
+    assert (use, home) == (False, None) and "/usr/local lacks lib64/libcudart.so" in why
+    assert "!!!!" in capsys.readouterr().err and "Set CUDA_HOME" in why
+    with pytest.raises(SystemExit, match="EMSEDIT_FAST_CUDA=1: no usable CUDA toolkit .*/usr/local lacks"):
+        s._cuda_decision(_FakeTorch("13.0", gpu=True), "1")
+    assert s._cuda_decision(_FakeTorch("13.0", gpu=False), "auto") == (
+        False, None, "no GPU at build time and TORCH_CUDA_ARCH_LIST unset")
+    with pytest.raises(SystemExit, match="needs TORCH_CUDA_ARCH_LIST"):
+        s._cuda_decision(_FakeTorch("13.0", gpu=False), "1")
+    with pytest.raises(SystemExit, match="needs a CUDA build of torch"):
+        s._cuda_decision(_FakeTorch(None, gpu=False), "1")
+    why = s._cuda_decision(_FakeTorch(None, gpu=False), "auto")[2]
+    assert why == "this torch has no CUDA (torch 2.13.0+cpu)"
+    assert s._cuda_decision(_FakeTorch("13.0", gpu=True), "0") == (False, None, "EMSEDIT_FAST_CUDA=0")
+
+
+def test_cuda_decision_with_a_toolkit(monkeypatch, tmp_path):
+    s = _setup_module()
+    monkeypatch.setattr(s, "locate_cuda_home", lambda: (str(tmp_path), []))
+    assert s._cuda_decision(_FakeTorch("13.0", gpu=True), "auto") == (True, str(tmp_path), None)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    assert s._cuda_decision(_FakeTorch("13.0", gpu=False), "auto") == (True, str(tmp_path), None)
