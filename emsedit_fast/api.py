@@ -194,6 +194,9 @@ def train(session: Session, records: list[EditRecord] | None = None, *, trainer=
     from emsedit_fast.trainer import MetaTrainer
 
     cfg = session.cfg
+    if not cfg.editor.trainable:
+        log.info("%s is training-free: nothing to train", cfg.editor.name)
+        return trainer or MetaTrainer(session.editor, cfg.train, list(callbacks))
     records = records if records is not None else load_split(session, "train")
     batches = training_batches(session, records)
     trainer = trainer or MetaTrainer(session.editor, cfg.train, list(callbacks))

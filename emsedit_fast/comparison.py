@@ -3,7 +3,8 @@
 Every method is meta-trained from scratch with the same data, budget and seed, then evaluated on the same records
 under the mode's protocol, next to the unedited model and the untrained editor. Methods by name:
 
-    emsedit (K = 2), emsedit1 (EMSEdit trained at K = 1), malmen, malmen2, rledit, rledit2, mend, mend2
+    emsedit (K = 2), emsedit1 (EMSEdit trained at K = 1), malmen, malmen2, rledit, rledit2, mend, mend2,
+    ultraedit, ultraedit2 (training-free: their "trained" row is the same editor)
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ log = logging.getLogger(__name__)
 
 METHOD_NAMES = {"mend": ("mend", 1), "mend2": ("mend", 2), "malmen": ("malmen", 1), "malmen2": ("malmen", 2),
                 "rledit": ("rledit", 1), "rledit2": ("rledit", 2), "emsedit": ("emsedit", 2),
-                "emsedit1": ("emsedit", 1)}
-PRETTY = {"mend": "MEND", "malmen": "MALMEN", "rledit": "RLEdit", "emsedit": "EMSEdit"}
+                "emsedit1": ("emsedit", 1), "ultraedit": ("ultraedit", 1), "ultraedit2": ("ultraedit", 2)}
+PRETTY = {"mend": "MEND", "malmen": "MALMEN", "rledit": "RLEdit", "emsedit": "EMSEdit", "ultraedit": "UltraEdit"}
 
 
 def label(method: str) -> str:

@@ -52,7 +52,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class EditorConfig:
-    name: Literal["mend", "malmen", "rledit", "emsedit"] = "emsedit"
+    name: Literal["mend", "malmen", "rledit", "emsedit", "ultraedit"] = "emsedit"
     n_steps: int = 2  # K: backpropagation steps per edit batch (MSBP); 1 = the single-step editors
     rank: int = 256  # hypernetwork rank r (sequential step k uses floor(r / k) when rank_schedule = divide)
     step_rank: int = 0  # rank of the sequential networks of steps k >= 2 (0: the rank schedule decides)
@@ -61,6 +61,10 @@ class EditorConfig:
     aggregation: Literal["ridge", "outer"] = "ridge"  # MALMEN/RLEdit/EMSEdit least squares, or MEND's sum
     eta_init: float = 1e-6
     eta_param: Literal["linear", "log"] = "linear"  # learn eta (may change sign, as published) or log eta
+    # the keys in the target coefficient c_j = -eta <k_j, u~_j>: the raw keys u_j (MALMEN, RLEdit, EMSEdit) or the
+    # normalised keys u^_j (UltraEdit, whose identity network makes c_j = -eta ||u^_j||^2)
+    coeff_keys: Literal["raw", "normalised"] = "raw"
+    trainable: bool = True  # False: a training-free editor (UltraEdit); train only evaluates
     lambda_init: float = 0.0
     rank_schedule: Literal["divide", "constant"] = "divide"
     solve_form: Literal["auto", "dual", "primal"] = "auto"
@@ -77,7 +81,7 @@ class EditorConfig:
         _check(1 <= self.n_steps <= 8, "editor.n_steps", "must be in 1..8")
         _check(self.rank >= 1, "editor.rank", "must be >= 1")
         _check(self.step_rank >= 0, "editor.step_rank", "must be >= 0")
-        _check(self.n_blocks >= 1, "editor.n_blocks", "must be >= 1")
+        _check(self.n_blocks >= 0, "editor.n_blocks", "must be >= 0 (0: the identity network, no parameters)")
         _check(self.hypernet_chunk >= 1, "editor.hypernet_chunk", "must be >= 1")
         _check(self.std_floor >= 0 and self.max_delta_norm >= 0, "editor.std_floor/max_delta_norm", "must be >= 0")
         _check(self.key_prior >= 0, "editor.key_prior", "must be >= 0")
@@ -324,7 +328,7 @@ def apply_reference_profile(cfg: RunConfig) -> RunConfig:
 def add_run_arguments(parser, mode: bool = True) -> None:
     """Options shared by the commands (train, evaluate, edit, compare, distributed, sweep): what to load and how.
     mode=False leaves out --mode (edit: the checkpoint's mode is fixed)."""
-    parser.add_argument("--editor", default="emsedit", choices=["emsedit", "malmen", "rledit", "mend"])
+    parser.add_argument("--editor", default="emsedit", choices=["emsedit", "malmen", "rledit", "mend", "ultraedit"])
     if mode:
         parser.add_argument("--mode", choices=["sequential", "batch"],
                             help="sequential (lifelong: many small batches) or batch editing (default: the editor's)")

@@ -60,9 +60,8 @@ def build_optimizer(editor: Editor, cfg: TrainConfig) -> torch.optim.Optimizer:
     scalars = {id(p) for net_list in editor.nets for net in net_list for p in net.scalar_parameters()}
     main = [p for p in editor.parameters() if id(p) not in scalars]
     small = [p for p in editor.parameters() if id(p) in scalars]
-    return torch.optim.Adam([{"params": main, "lr": cfg.meta_lr},
-                             {"params": small, "lr": cfg.meta_lr * cfg.scalar_lr_scale}],
-                            betas=(0.9, 0.999), eps=1e-8, foreach=True)
+    groups = [{"params": main, "lr": cfg.meta_lr}, {"params": small, "lr": cfg.meta_lr * cfg.scalar_lr_scale}]
+    return torch.optim.Adam([g for g in groups if g["params"]], betas=(0.9, 0.999), eps=1e-8, foreach=True)
 
 
 class MetaTrainer:
@@ -196,6 +195,8 @@ class MetaTrainer:
         from tqdm.auto import tqdm
 
         editor, cfg = self.editor, self.cfg
+        if not editor.cfg.trainable:  # a training-free editor (UltraEdit): nothing to learn
+            return self.report
         needs_ref = cfg.loss in ("kl", "rledit_decay")
         recent = self.recent
         start = time.perf_counter()

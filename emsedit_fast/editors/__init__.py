@@ -8,6 +8,7 @@ squares or MEND's outer-product sum), the hypernetwork shape, K, the mode and th
     malmen   ridge        4       1  batch       KL locality            (K = 2: MALMEN^2, the MSBP plug-in)
     rledit   ridge        4       1  sequential  time-decayed multi-batch loss (K = 2: RLEdit^2)
     emsedit  ridge        4       2  sequential  l2 drift penalty c ||W - W0||^2 (or KL, train.loss=kl)
+    ultraedit ridge       0       1  sequential  none: training-free, lifelong-normalised targets (K = 2: UltraEdit^2)
 
 See docs/method.md, "Editors".
 """
@@ -22,7 +23,7 @@ from emsedit_fast.editors.editor import StepRecord
 from emsedit_fast.editors.editor import WeightGrad
 from emsedit_fast.updates import AppliedEdit
 
-METHODS = ("mend", "malmen", "rledit", "emsedit")
+METHODS = ("mend", "malmen", "rledit", "emsedit", "ultraedit")
 
 
 def build_editor(model, modules, cfg: EditorConfig, mode: str, *, seed: int = 0, device=None) -> Editor:

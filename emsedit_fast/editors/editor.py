@@ -315,6 +315,13 @@ class Editor(nn.Module):
             self._prior_cache[g] = (p.float(), (p @ p).float())
         return self._prior_cache[g]
 
+    def _coeff_keys(self, keys: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, d_in: int) -> torch.Tensor:
+        """The keys k_j of the target coefficient c_j = -eta <k_j, u~_j>: raw (u_j) or normalised
+        (u^_j = (u_j - mu) / (sigma + eps), UltraEdit) with the statistics the step used."""
+        if self.cfg.coeff_keys == "raw":
+            return keys
+        return (keys - mean[:d_in]) / (std[:d_in] + ops.NORM_EPS)
+
     # ---------------------------------------------------------------------------------------------------------------
     # one MSBP step
 
@@ -347,7 +354,8 @@ class Editor(nn.Module):
                 update = GroupUpdate(group.names, group.transposed, "outer", coeffs.view(m, n, -1),
                                      z[:, :group.d_in].reshape(m, n, -1), n)
             else:
-                targets, _ = ops.value_targets(keys, z, net.step_size(), idx, backend=self.backend)
+                targets, _ = ops.value_targets(self._coeff_keys(keys, mean, std, group.d_in), z, net.step_size(), idx,
+                                               backend=self.backend)
                 if not torch.isfinite(targets).all():
                     raise EditRefused(f"step {step + 1}: non-finite value targets (hypernetwork output or eta) for "
                                       f"{', '.join(group.names)}; the model was left unchanged")
@@ -505,7 +513,8 @@ class Editor(nn.Module):
             hi = lo + self.cfg.hypernet_chunk
             with torch.enable_grad():
                 z = net(keys[lo:hi], grads[lo:hi], gs.idx[lo:hi], mean=gs.mean, std=gs.std, backend=self.backend)
-                targets, _ = ops.value_targets(keys[lo:hi], z, net.step_size(), gs.idx[lo:hi], backend=self.backend)
+                coeff_keys = self._coeff_keys(keys[lo:hi], gs.mean, gs.std, keys.shape[1])
+                targets, _ = ops.value_targets(coeff_keys, z, net.step_size(), gs.idx[lo:hi], backend=self.backend)
                 (targets * p[lo:hi]).sum().backward()  # surrogate <dL/dV, V(phi)>; each chunk frees its graph
 
     def _backward_outer(self, gs: GroupStep, group: ShapeGroup, wg: list[WeightGrad], scale: float) -> None:

@@ -23,7 +23,7 @@ from emsedit_fast.testing import assert_close_to_reference
 from emsedit_fast.trainer import MetaTrainer
 
 CASES = [("emsedit", "sequential"), ("emsedit", "batch"), ("malmen", "batch"), ("rledit", "sequential"),
-         ("mend", "batch")]
+         ("mend", "batch"), ("ultraedit", "sequential")]
 
 
 def _fast_available():
