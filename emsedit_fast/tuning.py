@@ -1,0 +1,111 @@
+"""Choosing hyperparameters on the validation split: grids, runs, and the efficacy / locality trade-off.
+
+A sweep runs every point of a grid of config overrides (each point: an editor built from the run's profile plus the
+point's overrides, optionally meta-trained, then scored on the VALIDATION split under the run's protocol) and reports
+the Pareto front of (ES, GS) against LS-agree: the points no other point beats on all three. Evaluation splits are never
+read here; the chosen point becomes a profile default (emsedit_fast.profiles) and is only then reported on evaluation
+data.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from dataclasses import field
+
+import torch
+
+from emsedit_fast.config import RunConfig
+from emsedit_fast.config import parse_override
+
+log = logging.getLogger(__name__)
+
+SCORES = ("es", "gs", "ls", "ls_gold", "ls_agree")
+
+
+def expand_grid(axes: list[str]) -> list[list[str]]:
+    """['editor.eta_init=1e-3,3e-3', 'train.reg_coef=0,0.01'] -> every combination as override lists (axes varied
+    jointly: the cartesian product, in the order given). An axis `a=1|b=2,a=3|b=4` varies keys together."""
+    options = []
+    for axis in axes:
+        if "=" not in axis:
+            raise ValueError(f"grid axis {axis!r} must look like key=value1,value2 (or k1=v|k2=w,...)")
+        if "|" in axis:  # joint values: a=1|b=2,a=3|b=4
+            options.append([part.split("|") for part in axis.split(",")])
+        else:
+            key, values = axis.split("=", 1)
+            options.append([[f"{key}={v}"] for v in values.split(",") if v != ""])
+    for overrides in (o for opt in options for group in opt for o in group):
+        parse_override(overrides)  # validate syntax early, with the config loader's message
+    return [[o for group in combo for o in group] for combo in itertools.product(*options)] if options else [[]]
+
+
+@dataclass
+class SweepPoint:
+    """One grid point: its overrides, the validation scores (means over slices, with spread) and the cost."""
+
+    overrides: list[str]
+    scores: dict = field(default_factory=dict)
+    train_seconds: float = 0.0
+    train_batches: int = 0
+    pareto: bool = False
+
+    def label(self) -> str:
+        return " ".join(self.overrides) or "(profile defaults)"
+
+
+def pareto_front(points: list[SweepPoint], keys: tuple[str, ...] = ("es", "gs", "ls_agree")) -> None:
+    """Mark the points that no other point matches or beats on every key and beats on one (ties kept)."""
+    for p in points:
+        values = [p.scores.get(k, float("-inf")) for k in keys]
+        p.pareto = not any(
+            all(q.scores.get(k, float("-inf")) >= v for k, v in zip(keys, values))
+            and any(q.scores.get(k, float("-inf")) > v for k, v in zip(keys, values))
+            for q in points if q is not p)
+
+
+def run_point(base: RunConfig, overrides: list[str], defaults: dict, *, train: bool, valid, n_slices: int,
+              model, tokenizer, train_records=None, progress: bool | None = False) -> SweepPoint:
+    """Build (and optionally meta-train) one editor and score it on the validation records."""
+    from emsedit_fast import api
+    from emsedit_fast.comparison import method_config
+
+    cfg = method_config(base, _method_of(base), overrides, defaults)
+    torch.manual_seed(cfg.seed)
+    session = api.open_session(cfg, model=model, tokenizer=tokenizer)
+    point = SweepPoint(list(overrides))
+    if train and cfg.editor.trainable:
+        start = time.perf_counter()
+        trainer = api.train(session, train_records, progress=progress)
+        point.train_seconds = time.perf_counter() - start
+        point.train_batches = trainer.report.steps
+    metrics = api.evaluate_slices(session, valid, cfg.train.mode, cfg.data.n_edits, cfg.data.eval_batches, n_slices,
+                                  progress=progress)
+    point.scores = {k: metrics[k] for k in SCORES if k in metrics}
+    point.scores.update({k + "_spread": metrics[k + "_spread"] for k in SCORES if k + "_spread" in metrics})
+    point.scores["edit_seconds_per_edit"] = metrics["edit_seconds_per_edit"]
+    log.info("%s: %s", point.label(), {k: round(v, 2) for k, v in point.scores.items() if isinstance(v, float)})
+    return point
+
+
+def _method_of(cfg: RunConfig) -> str:
+    """The comparison method name of a config (its preset and K)."""
+    name, k = cfg.editor.name, cfg.editor.n_steps
+    if name == "emsedit":
+        return "emsedit" if k == 2 else "emsedit1"
+    return name + ("2" if k == 2 else "")
+
+
+def pareto_table(points: list[SweepPoint], title: str) -> str:
+    """Markdown: every point with its validation scores, Pareto-optimal ones marked, sorted by LS-agree."""
+    keys = [k for k in SCORES if any(k in p.scores for p in points)]
+    head = {"es": "ES", "gs": "GS", "ls": "LS", "ls_gold": "LS-gold", "ls_agree": "LS-agree"}
+    lines = [f"**{title}**", "", "| point | " + " | ".join(head[k] for k in keys) + " | train s | Pareto |",
+             "|" + "---|" * (len(keys) + 3)]
+    for p in sorted(points, key=lambda q: -q.scores.get("ls_agree", 0.0)):
+        cells = [f"{p.scores[k]:.2f}" if isinstance(p.scores.get(k), float) else "-" for k in keys]
+        lines.append(f"| `{p.label()}` | " + " | ".join(cells) + f" | {p.train_seconds:.0f} | "
+                     f"{'yes' if p.pareto else ''} |")
+    return "\n".join(lines)
