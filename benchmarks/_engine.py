@@ -283,7 +283,7 @@ def run_engine_bench(benchmark, name: str, case_id: str, provider: str, device: 
 
 
 def editor_config(provider: str, *, rank: int, solve_form: str | None = None, small_model: bool = True,
-                  overrides: tuple[str, ...] = ()):
+                  overrides: tuple[str, ...] = (), extra: dict | None = None):
     """EMSEdit, sequential regime, K = 2, rank r, the provider's backend (engine_backend). small_model: the
     small-model profile (eta 1e-3, Adam 1e-4, drift penalty 0.005), else the 7B-scale preset (eta 1e-6).
     solve_form None: the engine's own choice (the reference backend solves primal, as published)."""
@@ -292,4 +292,5 @@ def editor_config(provider: str, *, rank: int, solve_form: str | None = None, sm
 
     sets = [f"editor.backend={engine_backend(provider)}", f"editor.rank={rank}", "editor.n_steps=2",
             f"editor.solve_form={solve_form or 'auto'}", *overrides]
-    return load("emsedit", mode="sequential", defaults=SMALL_MODEL_PROFILE if small_model else None, overrides=sets)
+    return load("emsedit", mode="sequential", defaults=SMALL_MODEL_PROFILE if small_model else None, extra=extra,
+                overrides=sets)
