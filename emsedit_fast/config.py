@@ -69,6 +69,7 @@ class EditorConfig:
     rank_schedule: Literal["divide", "constant"] = "divide"
     solve_form: Literal["auto", "dual", "primal"] = "auto"
     key_prior: float = 0.0  # gamma of the key prior beta gamma E||S^T x||^2 over generic keys x (0: plain ridge)
+    edit_prior: float = 0.0  # gamma_e: the prior's term beta gamma_e sum ||S^T u||^2 over earlier edits' keys u
     freeze_normaliser_at_eval: bool = False  # MEND behaviour: statistics only move while training
     std_floor: float = 0.0  # clamp the normaliser's std from below (0 = reference)
     hypernet_chunk: int = 128  # rows per recomputation chunk in the meta-gradient
@@ -84,7 +85,7 @@ class EditorConfig:
         _check(self.n_blocks >= 0, "editor.n_blocks", "must be >= 0 (0: the identity network, no parameters)")
         _check(self.hypernet_chunk >= 1, "editor.hypernet_chunk", "must be >= 1")
         _check(self.std_floor >= 0 and self.max_delta_norm >= 0, "editor.std_floor/max_delta_norm", "must be >= 0")
-        _check(self.key_prior >= 0, "editor.key_prior", "must be >= 0")
+        _check(self.key_prior >= 0 and self.edit_prior >= 0, "editor.key_prior/edit_prior", "must be >= 0")
         _check(self.max_undo >= 0, "editor.max_undo", "must be >= 0")
         _check(self.eta_param == "linear" or self.eta_init > 0, "editor.eta_init", "must be > 0 with eta_param log")
 

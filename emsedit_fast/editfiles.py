@@ -5,6 +5,8 @@ Layout of one file (the CLI's --save-edit, and every factors file of a journal):
     tensors   edit<e>/step<k>/<layer>/M  (n, d_out) and .../K (n, d_in)   dual / outer steps: dW = M^T K
               edit<e>/step<k>/<layer>/S  (d_in, d_out)                     primal steps: dW = S^T
               edit<e>/normaliser/<state key>                              optional: the editor's statistics after it
+              edit<e>/keys/<layer>       (n, d_in)                        the first step's raw keys, when the
+                                                                          editor's key prior keeps earlier edits
     metadata  key "emsedit_fast": JSON with format, version, the base model's fingerprint, model name and dtype,
               the edited modules (name, d_in, d_out, transposed) and, per edit, its description, the apply
               backends that ran, the device type, and per step the layers of each shape group with the form
@@ -119,9 +121,10 @@ def _edit_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, entry: dic
         steps.append(step)
     normaliser = {k[len(prefix) + len("normaliser/"):]: v for k, v in tensors.items()
                   if k.startswith(prefix + "normaliser/")}
+    keys = {k[len(prefix) + len("keys/"):]: v for k, v in tensors.items() if k.startswith(prefix + "keys/")}
     info = dict(entry.get("info", {}))
     return AppliedEdit(steps, dict(entry.get("backend", {})), entry.get("device_type", ""),
-                       edit_id=int(info.get("id", 0) or 0), info=info, normaliser=normaliser)
+                       edit_id=int(info.get("id", 0) or 0), info=info, normaliser=normaliser, keys=keys)
 
 
 def save_edit_file(path: str, edits: list[AppliedEdit], header: dict | None = None,
@@ -135,6 +138,7 @@ def save_edit_file(path: str, edits: list[AppliedEdit], header: dict | None = No
         t, layout = _edit_tensors(edit, f"edit{e}/")
         if include_normaliser:
             t.update({f"edit{e}/normaliser/{k}": v for k, v in edit.normaliser.items()})
+        t.update({f"edit{e}/keys/{k}": v for k, v in edit.keys.items()})
         tensors.update(t)
         entries.append({"info": edit.info, "backend": edit.backend, "device_type": edit.device_type, "steps": layout})
     meta = {"format": EDIT_FORMAT, "version": FORMAT_VERSION, **(header or {}), "edits": entries}

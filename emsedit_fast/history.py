@@ -51,6 +51,7 @@ class History:
         self.base: list[torch.Tensor] | None = None
         self.edits: list[AppliedEdit] = []
         self.folded = 0  # edits folded into the base so far
+        self.folded_moments: dict[str, torch.Tensor] = {}  # sum of U^T U of the folded edits' keys (key prior)
         self._before: list[torch.Tensor] | None = None  # weights before edits[-1] (policy "snapshot")
 
     # -- container protocol ------------------------------------------------------------------------------------------
@@ -75,15 +76,16 @@ class History:
     def state(self) -> tuple:
         """Everything needed to put this history back later (evaluation edits, then restores it)."""
         base = None if self.base is None else [b.clone() for b in self.base]
-        return (base, list(self.edits), self.folded, self._before)
+        moments = {k: v.clone() for k, v in self.folded_moments.items()}
+        return (base, list(self.edits), self.folded, self._before, moments)
 
     def load_state(self, state: tuple) -> None:
-        self.base, edits, self.folded, self._before = state
+        self.base, edits, self.folded, self._before, self.folded_moments = state
         self.edits = list(edits)
 
     def clear(self) -> None:
         """Forget every edit and fold: the base is the origin again (the caller restores the weights)."""
-        self.base, self.edits, self.folded, self._before = None, [], 0, None
+        self.base, self.edits, self.folded, self._before, self.folded_moments = None, [], 0, None, {}
 
     # -- recording ---------------------------------------------------------------------------------------------------
 
@@ -111,6 +113,9 @@ class History:
         base = dict(zip(self.names, self.base))
         for edit in self.edits[:count]:
             apply_updates_(base, edit.steps, edit.backend)
+            for name, u in edit.keys.items():  # the folded edits stay in the key prior's edit term
+                u = u.double()
+                self.folded_moments[name] = self.folded_moments.get(name, 0) + u.t() @ u
         del self.edits[:count]
         self.folded += count
         if not self.edits:

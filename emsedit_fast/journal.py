@@ -64,6 +64,7 @@ from emsedit_fast.updates import apply_edit_
 log = logging.getLogger(__name__)
 
 BASE_FORMAT = "emsedit_fast.journal.base"
+MOMENTS = "edit_moment/"  # tensors of a compacted base that hold the key prior's edit term, not weights
 FORMAT_VERSION = 1
 EVENTS = ("edit", "revert", "compact")
 
@@ -237,7 +238,21 @@ class Journal:
         if last is None:
             return self.original()
         tensors, _ = self._read_base(os.path.join(self.path, last["base"]), last.get("base_sha256"))
-        return tensors, self.header()
+        return {k: v for k, v in tensors.items() if not k.startswith(MOMENTS)}, self.header()
+
+    def edit_moments(self) -> dict[str, torch.Tensor]:
+        """{layer: sum of U^T U} over every active edit's keys and the edits folded into the base (the edit term of
+        the editor's key prior, when its edits record keys); {} when they record none."""
+        moments: dict[str, torch.Tensor] = {}
+        last = self.compaction()
+        if last is not None:
+            tensors, _ = self._read_base(os.path.join(self.path, last["base"]), last.get("base_sha256"))
+            moments = {k[len(MOMENTS):]: v.double() for k, v in tensors.items() if k.startswith(MOMENTS)}
+        for edit_id in self.active_ids():
+            for name, u in self.load_factors(edit_id).keys.items():
+                u = u.double()
+                moments[name] = moments.get(name, 0) + u.t() @ u
+        return moments
 
     def header(self) -> dict:
         """The base snapshot's header: model name, dtype, base fingerprint, edited modules."""
@@ -387,8 +402,16 @@ class Journal:
                                    f"already compacted up to {self.compacted_upto()}")
             base, _ = self.base()
             weights = {n: t.to(device) for n, t in base.items()}
+            moments = {}
+            if self.compaction() is not None:
+                tensors, _ = self._read_base(os.path.join(self.path, self.compaction()["base"]))
+                moments = {k[len(MOMENTS):]: v.double() for k, v in tensors.items() if k.startswith(MOMENTS)}
             for edit_id in folded:
-                apply_edit_(weights, self.load_factors(edit_id), allow_backend_change=allow_backend_change)
+                edit = self.load_factors(edit_id)
+                apply_edit_(weights, edit, allow_backend_change=allow_backend_change)
+                for name, u in edit.keys.items():  # the key prior's edit term keeps the folded edits
+                    moments[name] = moments.get(name, 0) + u.double().t() @ u.double()
+            weights.update({MOMENTS + name: m.float() for name, m in moments.items()})
             rel = os.path.join(self.BASES, f"base-{upto}.safetensors")
             meta = {"format": BASE_FORMAT, "version": FORMAT_VERSION, "created": _now(), "folded_upto": upto}
             digest = atomic_save_safetensors(weights, os.path.join(self.path, rel), {META_KEY: json.dumps(meta)})
@@ -439,6 +462,8 @@ def open_journal(path: str, model, modules, *, model_name: str | None = None, mo
     ids = journal.rebuild_(weights, allow_backend_change=allow_backend_change)
     if ids:
         log.info("journal %s: replayed %d active edit(s) %s", path, len(ids), ids)
+    if editor is not None and editor.cfg.edit_prior > 0:
+        editor.sync_edit_prior(journal.edit_moments())
     if editor is not None and ids:
         last = journal.entry(ids[-1])
         if checkpoint_id is not None and last.get("editor_checkpoint", {}).get("hash") == checkpoint_id:

@@ -55,8 +55,8 @@ def evaluate_protocol(session, records: list[EditRecord], mode: str, n_edits: in
     generate that many tokens greedily from the records' generation prompts on the edited model and report their
     n-gram entropy as "fluency". Returns the metrics (percent) plus timing and the protocol.
     """
+    from emsedit_fast.fluency import fluency
     from emsedit_fast.metrics import evaluate_records
-    from emsedit_fast.metrics import fluency
     from emsedit_fast.metrics import pre_edit_predictions
 
     editor = session.editor

@@ -84,7 +84,6 @@ def _run(args) -> int:
         train_records = api.load_split(session, "train")
         eval_records = api.load_split(session, "eval") if not args.no_eval else []
         n_edits, t, slices = cfg.data.n_edits, cfg.data.eval_batches, plan.eval_slices
-        pre = None
         rows = []
         if not args.no_eval:
             slices = min(slices, max(1, len(eval_records) // ((t if cfg.train.mode == "sequential" else 1) * n_edits)))

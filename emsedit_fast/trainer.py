@@ -29,7 +29,7 @@ from emsedit_fast.config import TrainConfig
 from emsedit_fast.editors import Editor
 from emsedit_fast.editors import EditRefused
 from emsedit_fast.editors import WeightGrad
-from emsedit_fast.editors.editor import drift_sq_norm
+from emsedit_fast.editors.weight_grad import drift_sq_norm
 from emsedit_fast.losses import answer_ce
 from emsedit_fast.losses import answer_kl
 from emsedit_fast.models.hooks import FactoredGrads
@@ -272,6 +272,8 @@ class MetaTrainer:
         if cfg.seq_optimizer_step == "every_batch":
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        if editor.prior is not None:  # the batch's edit stays applied: the key prior keeps it in place from now on
+            editor.prior.add_edit_keys(records[0].layer_keys())
         return loss
 
     def _batch_step(self, tuples, ref) -> float:

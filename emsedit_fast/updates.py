@@ -100,6 +100,8 @@ class AppliedEdit:
     edit_id, request_ids: the editor's id and the edited facts' ids. info: a JSON-able description (the journal
     line). normaliser: the editor's running statistics after the edit ({} when not kept). seconds: wall time.
     ops_ran: {op: [backends]} of every op that ran during the edit (what `ops.record_backends` saw).
+    keys: {layer name: the first step's raw keys (n, d_in)} when the editor's key prior keeps earlier edits in place
+    (editor.edit_prior), else {}.
     """
 
     steps: list[list[GroupUpdate]]
@@ -111,6 +113,7 @@ class AppliedEdit:
     normaliser: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     seconds: float = 0.0
     ops_ran: dict[str, list[str]] = field(default_factory=dict)
+    keys: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def delta_norms(self) -> dict[str, float]:
         """||sum over steps of dW_l||_F per layer, in fp64 from the factors (the Gram trick for low-rank steps)."""
@@ -126,7 +129,8 @@ class AppliedEdit:
         return AppliedEdit([[g.cpu() for g in step] for step in self.steps], dict(self.backend), self.device_type,
                            self.edit_id, list(self.request_ids), dict(self.info),
                            {k: v.detach().cpu().clone() for k, v in self.normaliser.items()}, self.seconds,
-                           {k: list(v) for k, v in self.ops_ran.items()})
+                           {k: list(v) for k, v in self.ops_ran.items()},
+                           {k: v.detach().float().cpu().contiguous() for k, v in self.keys.items()})
 
 
 def lowrank_norm(b: torch.Tensor, a: torch.Tensor) -> float:

@@ -24,18 +24,18 @@ from transformers import PreTrainedTokenizerFast
 
 from emsedit_fast.data import EditRecord
 from emsedit_fast.data import bundled_facts
+from emsedit_fast.fluency import fluency
+from emsedit_fast.fluency import generate_greedy
+from emsedit_fast.fluency import generation_prompts
+from emsedit_fast.fluency import ngram_entropy
+from emsedit_fast.fluency import text_ngram_entropy
 from emsedit_fast.metrics import answer_argmax
 from emsedit_fast.metrics import evaluate
 from emsedit_fast.metrics import evaluate_records
-from emsedit_fast.metrics import fluency
-from emsedit_fast.metrics import generate_greedy
-from emsedit_fast.metrics import generation_prompts
 from emsedit_fast.metrics import margin_success
-from emsedit_fast.metrics import ngram_entropy
 from emsedit_fast.metrics import pre_edit_predictions
 from emsedit_fast.metrics import seq_logprob_success
 from emsedit_fast.metrics import sequence_logprob
-from emsedit_fast.metrics import text_ngram_entropy
 from emsedit_fast.metrics import token_accuracy
 from emsedit_fast.metrics import token_agreement
 

@@ -128,3 +128,40 @@ def test_journal_compaction_folds_edits_and_keeps_undo_exact(tmp_path):
     assert reopened.active_ids() == [] and len(list((tmp_path / "j" / "bases").iterdir())) == 1
     with pytest.raises(JournalError, match="cannot compact"):
         reopened.compact(2)
+
+
+def test_the_edit_term_of_the_key_prior_follows_undo_folding_and_the_journal(tmp_path):
+    """editor.edit_prior: the prior keeps earlier edits' keys; it is rebuilt from the recorded keys, so undo, folding
+    and a journal reopened in another process all see exactly the edits that are applied."""
+    def session(journal=None, max_undo=0):
+        cfg = load("emsedit", overrides=["editor.rank=8", "editor.eta_init=0.05", "train.micro_batch=3",
+                                         "editor.key_prior=10", "editor.edit_prior=1", f"editor.max_undo={max_undo}"])
+        s = api.open_session(cfg, model=tiny_llama(), tokenizer=tiny_tokenizer(), journal=journal)
+        return s
+
+    def moments(s):
+        return {k: v.clone() for k, v in s.editor.prior.state_dict().items() if k.startswith("edit_moment")}
+
+    live = session(journal=str(tmp_path / "j"), max_undo=2)
+    assert all(float(v.abs().sum()) == 0 for v in moments(live).values())
+    snaps = [moments(live)]
+    ids, _ = _edit_batches(live, 3)
+    snaps.append(moments(live))
+    assert any(float(v.abs().sum()) > 0 for v in snaps[-1].values())
+    expected = {}
+    for edit in [live.journal.load_factors(i) for i in live.journal.active_ids()]:
+        for name, u in edit.keys.items():
+            expected[name] = expected.get(name, 0) + u.double().t() @ u.double()
+    layer = live.modules[0].name
+    torch.testing.assert_close(live.editor.prior.edit_moments()[layer], expected[layer].float())
+    live.editor.revert(ids[2])  # undone: its keys leave the prior
+    live.journal.revert(3)
+    after_revert = moments(live)
+    assert not all(torch.equal(after_revert[k], snaps[-1][k]) for k in after_revert)
+    # a new process continuing the journal gets the same edit term (two folded edits included after compaction)
+    live.journal.compact(1)
+    other = session(journal=str(tmp_path / "j"))
+    for k, v in after_revert.items():
+        torch.testing.assert_close(moments(other)[k], v, rtol=1e-6, atol=1e-6)
+    live.editor.reset()
+    assert all(float(v.abs().sum()) == 0 for v in moments(live).values())

@@ -20,7 +20,7 @@ from emsedit_fast.editors.editor import Editor
 from emsedit_fast.editors.editor import EditRefused
 from emsedit_fast.editors.editor import GroupStep
 from emsedit_fast.editors.editor import StepRecord
-from emsedit_fast.editors.editor import WeightGrad
+from emsedit_fast.editors.weight_grad import WeightGrad
 from emsedit_fast.updates import AppliedEdit
 
 METHODS = ("mend", "malmen", "rledit", "emsedit", "ultraedit")

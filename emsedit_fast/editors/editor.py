@@ -37,6 +37,8 @@ from torch import nn
 
 from emsedit_fast import ops
 from emsedit_fast.config import EditorConfig
+from emsedit_fast.editors.prior import KeyPrior
+from emsedit_fast.editors.weight_grad import WeightGrad
 from emsedit_fast.history import History
 from emsedit_fast.losses import Reduction
 from emsedit_fast.models.adapter import EditedModule
@@ -106,76 +108,9 @@ class StepRecord:
     def updates(self) -> list[GroupUpdate]:
         return [gs.update for gs in self.groups]
 
-
-@dataclass
-class WeightGrad:
-    """dL/dW_l in linear orientation (d_out, d_in), kept factored: G = Delta'^T X' + 2 c (W - W0).
-
-    inputs X' (T, d_in) and output_grads Delta' (T, d_out): the meta-loss pass's rows (None: no such term).
-    The drift term 2 c (W - W0) (the l2 penalty c ||W - W0||^2) is held as either
-      drift_factors: [(M_i (n_i, d_out), K_i (n_i, d_in))] with W - W0 = sum_i M_i^T K_i (the updates applied since
-                     W0, when they are few: batch mode), or
-      drift_weights: (W, W0, transposed) in storage layout, streamed in row blocks (the sequential mode, where the
-                     drift has accumulated over many edits); no dense fp32 (d_out, d_in) buffer is ever formed.
-    """
-
-    inputs: torch.Tensor | None = None
-    output_grads: torch.Tensor | None = None
-    drift_coef: float = 0.0
-    drift_factors: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-    drift_weights: tuple[torch.Tensor, torch.Tensor, bool] | None = None
-    d_out: int = 0
-
-    def times_keys(self, keys: torch.Tensor) -> torch.Tensor:
-        """K G^T (n, d_out) for rows K (n, d_in): row j is G k_j."""
-        out = torch.zeros(keys.shape[0], self.d_out, device=keys.device)
-        if self.inputs is not None:
-            out += (keys @ self.inputs.t()) @ self.output_grads  # (n x T)(T x d_out)
-        if self.drift_coef and self.drift_factors:
-            for m, k in self.drift_factors:
-                out += (2 * self.drift_coef) * ((keys @ k.t()) @ m)
-        elif self.drift_coef and self.drift_weights is not None:
-            w, w0, transposed = self.drift_weights
-            out += (2 * self.drift_coef) * _drift_times_keys(w, w0, transposed, keys)
-        return out
-
-    def hat(self) -> torch.Tensor:
-        """G^T (d_in, d_out) dense: the primal form needs it."""
-        out = None
-        if self.inputs is not None:
-            out = self.inputs.t() @ self.output_grads
-        if self.drift_coef and (self.drift_factors or self.drift_weights is not None):
-            if self.drift_factors:
-                drift = sum(k.t() @ m for m, k in self.drift_factors)
-            else:
-                w, w0, transposed = self.drift_weights
-                d = (w.float() - w0.float())
-                drift = d if transposed else d.t()
-            drift = (2 * self.drift_coef) * drift.to(out.device if out is not None else drift.device)
-            out = drift if out is None else out + drift
-        return out
-
-
-def _drift_times_keys(w: torch.Tensor, w0: torch.Tensor, transposed: bool, keys: torch.Tensor,
-                      block: int = 1024) -> torch.Tensor:
-    """keys (W - W0)^T (n, d_out) in linear orientation, streaming row blocks of the stored weights in fp32."""
-    keys = keys.to(w.device)
-    if transposed:  # stored (d_in, d_out): keys (W_lin)^T = keys W_stored, blocks over d_in
-        out = torch.zeros(keys.shape[0], w.shape[1], device=w.device)
-        for lo in range(0, w.shape[0], block):
-            out += keys[:, lo:lo + block] @ (w[lo:lo + block].float() - w0[lo:lo + block].float())
-        return out
-    parts = [keys @ (w[lo:lo + block].float() - w0[lo:lo + block].float()).t() for lo in range(0, w.shape[0], block)]
-    return torch.cat(parts, 1)
-
-
-def drift_sq_norm(w: torch.Tensor, w0: torch.Tensor, block: int = 1024) -> float:
-    """||W - W0||_F^2 in fp64, streaming row blocks (no dense fp32 copy of the whole difference)."""
-    total = 0.0
-    for lo in range(0, w.shape[0], block):
-        d = w[lo:lo + block].double() - w0[lo:lo + block].double()
-        total += float((d * d).sum())
-    return total
+    def layer_keys(self) -> dict[str, torch.Tensor]:
+        """{layer name: the step's raw keys (n, d_in)}: what the edit term of the key prior accumulates."""
+        return {name: gs.keys[i] for gs in self.groups for i, name in enumerate(gs.update.names)}
 
 
 class Editor(nn.Module):
@@ -213,12 +148,9 @@ class Editor(nn.Module):
                 for g in self.groups]))
         self.nets = nn.ModuleList(nets).to(device)
         self.device = device  # the hypernetworks' device; the model may live elsewhere (factors move per step)
-        if cfg.key_prior > 0:
-            for g, group in enumerate(self.groups):
-                self.register_buffer(f"key_moment_{g}", torch.zeros(len(group), group.d_in, group.d_in,
-                                                                    device=device))
-            self.register_buffer("key_tokens", torch.zeros(1, dtype=torch.float64, device=device))
-        self._prior_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # the key prior of the ridge solve (editors/prior.py); a submodule only when configured
+        self.prior = KeyPrior(self.groups, cfg.key_prior, cfg.edit_prior, device) \
+            if cfg.key_prior > 0 or cfg.edit_prior > 0 else None
         self.base = ops.snapshot(self.weights())  # W0: the unedited edited weights, for reset and the drift penalty
         self.history = History([m.name for m in self.modules_], self.base, cfg.undo, cfg.max_undo)
         self._next_id = 1
@@ -245,7 +177,7 @@ class Editor(nn.Module):
     def solve_form(self, n_rows: int, d_in: int) -> str:
         """The reference backend runs the published primal solve; the fast paths pick dual/primal by cost. A key
         prior is solved in the dual form (its transformed keys keep the update rank n)."""
-        if self.cfg.key_prior > 0:
+        if self.prior is not None:
             return "dual"
         if self.cfg.solve_form == "auto" and self.backend == "reference":
             return "primal"
@@ -281,10 +213,6 @@ class Editor(nn.Module):
         self.history.load_state(state["history"])
         self._maxabs, self._next_id = list(state["maxabs"]), state["next_id"]
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        self._prior_cache.clear()  # the key statistics may have changed
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
     # ---------------------------------------------------------------------------------------------------------------
     # key prior
 
@@ -292,28 +220,20 @@ class Editor(nn.Module):
     def fit_key_prior(self, batches, *, max_tokens: int | None = None) -> int:
         """Estimate Sigma_l = E[x x^T] over the keys of every edited module at all non-pad positions of `batches`
         (TokenBatch-like: input_ids, attention_mask), replacing earlier statistics. Returns the tokens used."""
-        if self.cfg.key_prior <= 0:
+        if self.prior is None or self.cfg.key_prior <= 0:
             raise ValueError("fit_key_prior: editor.key_prior is 0 (no key prior configured)")
         moments, tokens = key_second_moments(self.model, self.modules_, batches, max_tokens=max_tokens)
-        for g, group in enumerate(self.groups):
-            getattr(self, f"key_moment_{g}").copy_(torch.stack([moments[m.name] for m in group.modules]))
-        self.key_tokens.fill_(tokens)
-        self._prior_cache.clear()
+        self.prior.fit(moments, tokens)
         log.info("key prior: second moments of %d tokens per edited module", tokens)
         return tokens
 
-    def has_key_prior(self) -> bool:
-        return self.cfg.key_prior > 0 and float(self.key_tokens) > 0
-
-    def _prior(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(P, P^2) for group g, (m, d_in, d_in): P = (I + gamma Sigma)^(-1/2) by eigendecomposition in fp64."""
-        if g not in self._prior_cache:
-            sigma = getattr(self, f"key_moment_{g}").double()
-            eye = torch.eye(sigma.shape[-1], dtype=torch.float64, device=sigma.device)
-            ev, vecs = torch.linalg.eigh(self.cfg.key_prior * sigma + eye)
-            p = (vecs * ev.clamp_min(1.0).rsqrt().unsqueeze(1)) @ vecs.transpose(1, 2)
-            self._prior_cache[g] = (p.float(), (p @ p).float())
-        return self._prior_cache[g]
+    def sync_edit_prior(self, base: dict[str, torch.Tensor] | None = None) -> None:
+        """Rebuild the edit term of the key prior from the recorded edits (history, plus the folded ones'
+        statistics; `base` replaces those, e.g. from a journal's compacted base)."""
+        if self.prior is not None:
+            if base is not None:
+                self.history.folded_moments = {k: v.double() for k, v in base.items()}
+            self.prior.set_edit_keys([e.keys for e in self.history], self.history.folded_moments)
 
     def _coeff_keys(self, keys: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, d_in: int) -> torch.Tensor:
         """The keys k_j of the target coefficient c_j = -eta <k_j, u~_j>: raw (u_j) or normalised
@@ -328,7 +248,7 @@ class Editor(nn.Module):
     @torch.no_grad()
     def predict_deltas(self, cap: Capture, step: int, *, update_stats: bool = True) -> StepRecord:
         """Keys and value-grads of one caching pass -> the factors of every layer's update (nothing is applied)."""
-        if self.cfg.key_prior > 0 and not self.has_key_prior():
+        if self.prior is not None and not self.prior.ready():
             raise ValueError("editor.key_prior > 0 but the key statistics were never estimated: call "
                              "editor.fit_key_prior(batches) (training and api.open_session do it from the training "
                              "data)")
@@ -361,9 +281,8 @@ class Editor(nn.Module):
                                       f"{', '.join(group.names)}; the model was left unchanged")
                 form = self.solve_form(n, group.d_in)
                 solve_keys, factor_keys = keys3, keys3
-                if self.cfg.key_prior > 0:
-                    p, p2 = self._prior(g)
-                    solve_keys, factor_keys = keys3 @ p, keys3 @ p2  # U P (Gram), U P^2 (dW = M^T U P^2)
+                if self.prior is not None:
+                    solve_keys, factor_keys = self.prior.transform(g, keys3)  # U L^-T (Gram), U C^-1 (dW = M^T U C^-1)
                 solution = ops.ridge_solve(solve_keys, targets.view(m, n, -1), net.log_ridge, form,
                                            backend=self.backend)
                 update = GroupUpdate(group.names, group.transposed, form, solution,
@@ -448,15 +367,19 @@ class Editor(nn.Module):
         entry = AppliedEdit([rec.updates for rec in records], recorded_backends(seen),
                             self.weights()[0].device.type, self._next_id, list(request_ids or []),
                             seconds=time.perf_counter() - start,
-                            ops_ran={op: sorted(names) for op, names in seen.items()})
+                            ops_ran={op: sorted(names) for op, names in seen.items()},
+                            keys=records[0].layer_keys() if self.cfg.edit_prior > 0 else {})
         self.history.record(entry, before)
+        self.sync_edit_prior()
         self._next_id += 1
         return entry
 
     @torch.no_grad()
     def revert(self, edit_id: int) -> AppliedEdit:
         """Remove one recorded edit (exact; see emsedit_fast.history for what undoing an earlier edit means)."""
-        return self.history.undo_(edit_id, self.weights(), backend=self.backend)
+        removed = self.history.undo_(edit_id, self.weights(), backend=self.backend)
+        self.sync_edit_prior()
+        return removed
 
     @torch.no_grad()
     def replay(self) -> None:
@@ -465,9 +388,11 @@ class Editor(nn.Module):
 
     @torch.no_grad()
     def reset(self) -> None:
-        """Back to the unedited weights W0 (bit-exact) and an empty history."""
+        """Back to the unedited weights W0 (bit-exact), an empty history and no edit term in the key prior."""
         ops.restore_(self.weights(), self.base, backend=self.backend)
         self.history.clear()
+        if self.prior is not None:
+            self.prior.clear_edits()
         self._maxabs = [float(w.abs().max()) if w.numel() else 0.0 for w in self.base]
 
     # ---------------------------------------------------------------------------------------------------------------

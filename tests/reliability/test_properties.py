@@ -320,7 +320,8 @@ N_POOL = 5
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
 def tiny(request, tmp_path_factory):
     cfg = load("emsedit", mode="sequential", overrides=["model.name=tiny-llama", "model.device=cpu", "editor.rank=8",
-                                                        "editor.eta_init=1e-3", f"model.dtype={request.param}"])
+                                                        "editor.eta_init=1e-3", f"model.dtype={request.param}",
+                                                        "model.edited_dtype=model"])
     session = api.open_session(cfg)
     records = bundled_facts("eval")
     pool = [tokenize_batch(session.tokenizer, records[i:i + 1], need_equiv=False).edit for i in range(N_POOL)]

@@ -1,0 +1,82 @@
+"""dL/dW of the meta-loss for every edited weight, kept factored, as the meta-gradient consumes it.
+
+G_l = Delta'^T X' + 2 c (W_l - W_l^0)  (linear orientation, d_out x d_in) is never formed densely: the meta-gradient
+only needs K G^T for row blocks K of keys (the dual form) or, for the primal form, G^T itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class WeightGrad:
+    """dL/dW_l in linear orientation (d_out, d_in), kept factored: G = Delta'^T X' + 2 c (W - W0).
+
+    inputs X' (T, d_in) and output_grads Delta' (T, d_out): the meta-loss pass's rows (None: no such term).
+    The drift term 2 c (W - W0) (the l2 penalty c ||W - W0||^2) is held as either
+      drift_factors: [(M_i (n_i, d_out), K_i (n_i, d_in))] with W - W0 = sum_i M_i^T K_i (the updates applied since
+                     W0, when they are few: batch mode), or
+      drift_weights: (W, W0, transposed) in storage layout, streamed in row blocks (the sequential mode, where the
+                     drift has accumulated over many edits); no dense fp32 (d_out, d_in) buffer is ever formed.
+    """
+
+    inputs: torch.Tensor | None = None
+    output_grads: torch.Tensor | None = None
+    drift_coef: float = 0.0
+    drift_factors: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    drift_weights: tuple[torch.Tensor, torch.Tensor, bool] | None = None
+    d_out: int = 0
+
+    def times_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        """K G^T (n, d_out) for rows K (n, d_in): row j is G k_j."""
+        out = torch.zeros(keys.shape[0], self.d_out, device=keys.device)
+        if self.inputs is not None:
+            out += (keys @ self.inputs.t()) @ self.output_grads  # (n x T)(T x d_out)
+        if self.drift_coef and self.drift_factors:
+            for m, k in self.drift_factors:
+                out += (2 * self.drift_coef) * ((keys @ k.t()) @ m)
+        elif self.drift_coef and self.drift_weights is not None:
+            w, w0, transposed = self.drift_weights
+            out += (2 * self.drift_coef) * _drift_times_keys(w, w0, transposed, keys)
+        return out
+
+    def hat(self) -> torch.Tensor:
+        """G^T (d_in, d_out) dense: the primal form needs it."""
+        out = None
+        if self.inputs is not None:
+            out = self.inputs.t() @ self.output_grads
+        if self.drift_coef and (self.drift_factors or self.drift_weights is not None):
+            if self.drift_factors:
+                drift = sum(k.t() @ m for m, k in self.drift_factors)
+            else:
+                w, w0, transposed = self.drift_weights
+                d = (w.float() - w0.float())
+                drift = d if transposed else d.t()
+            drift = (2 * self.drift_coef) * drift.to(out.device if out is not None else drift.device)
+            out = drift if out is None else out + drift
+        return out
+
+
+def _drift_times_keys(w: torch.Tensor, w0: torch.Tensor, transposed: bool, keys: torch.Tensor,
+                      block: int = 1024) -> torch.Tensor:
+    """keys (W - W0)^T (n, d_out) in linear orientation, streaming row blocks of the stored weights in fp32."""
+    keys = keys.to(w.device)
+    if transposed:  # stored (d_in, d_out): keys (W_lin)^T = keys W_stored, blocks over d_in
+        out = torch.zeros(keys.shape[0], w.shape[1], device=w.device)
+        for lo in range(0, w.shape[0], block):
+            out += keys[:, lo:lo + block] @ (w[lo:lo + block].float() - w0[lo:lo + block].float())
+        return out
+    parts = [keys @ (w[lo:lo + block].float() - w0[lo:lo + block].float()).t() for lo in range(0, w.shape[0], block)]
+    return torch.cat(parts, 1)
+
+
+def drift_sq_norm(w: torch.Tensor, w0: torch.Tensor, block: int = 1024) -> float:
+    """||W - W0||_F^2 in fp64, streaming row blocks (no dense fp32 copy of the whole difference)."""
+    total = 0.0
+    for lo in range(0, w.shape[0], block):
+        d = w[lo:lo + block].double() - w0[lo:lo + block].double()
+        total += float((d * d).sum())
+    return total
