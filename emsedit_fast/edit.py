@@ -156,7 +156,9 @@ def _with_editor(args, journal_dir, progress) -> int:
     _revert_and_compact(args, journal, session.model, session.device)
     if args.facts:
         records = _load_facts(args, cfg)
-        n_edits = args.n_edits if args.n_edits is not None else (cfg.data.n_edits if cfg.train.mode == "sequential" else 0)
+        n_edits = args.n_edits
+        if n_edits is None:  # a sequential-mode editor edits in its batches, a batch-mode one all at once
+            n_edits = cfg.data.n_edits if cfg.train.mode == "sequential" else 0
         results, refused = api.edit(session, records, n_edits=n_edits or None, n_steps=args.steps,
                                     checkpoint={"path": os.path.abspath(args.editor_checkpoint),
                                                 "hash": checkpoint_hash(meta)},

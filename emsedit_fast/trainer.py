@@ -307,7 +307,8 @@ class MetaTrainer:
         """Everything a resumed run needs to end exactly where an uninterrupted one would: optimiser, step, report,
         and in the sequential mode the current (edited) weights and the recent batches with their reference
         logits (kept only at the answer positions the KL loss reads, when kl_positions = answer)."""
-        recent = [(tuples, None if ref is None else ("kept", ref.cpu(), tuple(ref.shape))) for tuples, ref in self.recent]
+        recent = [(tuples, None if ref is None else ("kept", ref.cpu(), tuple(ref.shape)))
+                  for tuples, ref in self.recent]
         sequential = self.editor.mode == "sequential"
         return {"optimizer": self.optimizer.state_dict(), "step": self.step,
                 "report": {"steps": self.report.steps, "skipped": self.report.skipped,

@@ -18,10 +18,10 @@ from emsedit_fast.config import load
 from emsedit_fast.data.facts import bundled_facts
 from emsedit_fast.data.schemas import save_records
 from emsedit_fast.edit import main
-from emsedit_fast.journal import Journal
 from emsedit_fast.editfiles import weights_by_name
-from emsedit_fast.updates import apply_edit_
+from emsedit_fast.journal import Journal
 from emsedit_fast.models.smollm2 import load_model
+from emsedit_fast.updates import apply_edit_
 
 MODULES = ("model.layers.0.mlp.gate_proj", "model.layers.1.mlp.up_proj")
 
@@ -102,7 +102,8 @@ def test_cli_edits_journals_saves_and_reapplies(workspace, capsys):
 def test_cli_revert_and_materialise(workspace, capsys):
     root, ckpt = workspace["root"], workspace["ckpt"]
     out = root / "out2"
-    assert main(["--editor-checkpoint", ckpt, "--facts", workspace["facts"], "--n-edits", "3", "--journal", str(out / "journal"), "--no-efficacy", "--no-progress"]) == 0
+    assert main(["--editor-checkpoint", ckpt, "--facts", workspace["facts"], "--n-edits", "3",
+                 "--journal", str(out / "journal"), "--no-efficacy", "--no-progress"]) == 0
     journal = Journal(str(out / "journal"), create=False)
     after_first = _api_weights(ckpt, workspace["records"], [range(0, 3)])
 
@@ -133,7 +134,8 @@ def test_cli_revert_and_materialise(workspace, capsys):
 def test_cli_revert_earlier_edit_rebuilds_from_remaining_factors(workspace, capsys):
     root, ckpt = workspace["root"], workspace["ckpt"]
     out = root / "out3"
-    assert main(["--editor-checkpoint", ckpt, "--facts", workspace["facts"], "--n-edits", "3", "--journal", str(out / "journal"), "--no-efficacy", "--no-progress"]) == 0
+    assert main(["--editor-checkpoint", ckpt, "--facts", workspace["facts"], "--n-edits", "3",
+                 "--journal", str(out / "journal"), "--no-efficacy", "--no-progress"]) == 0
     assert main(["--journal", str(out / "journal"), "--revert", "1", "--save-model", str(out / "r")]) == 0
     assert "an earlier edit" in capsys.readouterr().out
     journal = Journal(str(out / "journal"), create=False)

@@ -10,18 +10,18 @@ import os
 import pytest
 import torch
 
-from emsedit_fast.export import export_lora
 from emsedit_fast.editfiles import weights_by_name
-from emsedit_fast.updates import AppliedEdit as EditFactors
-from emsedit_fast.updates import GroupUpdate as GroupFactors
-from emsedit_fast.updates import apply_edit_
-from emsedit_fast.updates import total_deltas
+from emsedit_fast.export import export_lora
 from emsedit_fast.models.adapter import default_module_patterns
 from emsedit_fast.models.adapter import group_by_shape
 from emsedit_fast.models.adapter import resolve_modules
 from emsedit_fast.models.tiny import tiny_gpt2
 from emsedit_fast.models.tiny import tiny_llama
 from emsedit_fast.models.tiny import tiny_tokenizer
+from emsedit_fast.updates import AppliedEdit as EditFactors
+from emsedit_fast.updates import GroupUpdate as GroupFactors
+from emsedit_fast.updates import apply_edit_
+from emsedit_fast.updates import total_deltas
 
 peft = pytest.importorskip("peft")
 

@@ -21,12 +21,12 @@ from emsedit_fast.editors import build_editor
 from emsedit_fast.journal import Journal
 from emsedit_fast.journal import JournalError
 from emsedit_fast.journal import open_journal
-from emsedit_fast.updates import apply_edit_
 from emsedit_fast.models.adapter import default_module_patterns
 from emsedit_fast.models.adapter import resolve_modules
 from emsedit_fast.models.tiny import tiny_gpt2
 from emsedit_fast.models.tiny import tiny_llama
 from emsedit_fast.models.tiny import tiny_tokenizer
+from emsedit_fast.updates import apply_edit_
 
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 

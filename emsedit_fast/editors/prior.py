@@ -2,7 +2,8 @@
 
 For one edited layer the solve becomes (docs/method.md, "Ridge least squares")
 
-    min_S  sum_j ||S^T u_j - v_j||^2 + beta ||S||^2 + beta ( gamma E_x ||S^T x||^2 + gamma_e sum_{e, i} ||S^T u_{e,i}||^2 )
+    min_S  sum_j ||S^T u_j - v_j||^2 + beta ||S||^2
+           + beta ( gamma E_x ||S^T x||^2 + gamma_e sum_{e, i} ||S^T u_{e,i}||^2 )
 
 with x the layer's inputs on ordinary prompts (Sigma = E[x x^T], estimated once: `fit`) and u_{e,i} the keys of
 the edits applied so far (E = sum u u^T, kept up to date: `set_edit_keys`). With C = I + gamma Sigma + gamma_e E and

@@ -23,7 +23,8 @@ def _edit_ops(backend: str, rank: int, train: bool = False) -> tuple[dict[str, s
     cfg = load("emsedit", overrides=[f"editor.rank={rank}", f"editor.backend={backend}", "editor.eta_init=1e-2",
                                      "train.micro_batch=2", "train.n_batches=1", "data.n_edits=2"])
     session = api.open_session(cfg, model=tiny_llama(), tokenizer=tiny_tokenizer())
-    with ops.record_backends() as seen, torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+    with ops.record_backends() as seen, profiler as prof:
         if train:
             api.train(session, bundled_facts("train")[:4], progress=False)
         batch = tokenize_batch(session.tokenizer, bundled_facts("eval")[:2], 2, need_equiv=False)

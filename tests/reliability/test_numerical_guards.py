@@ -62,7 +62,8 @@ def poisoned(value, where=7):
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
 def setup(request):
-    cfg = load("emsedit", mode="sequential", overrides=TINY + [f"model.dtype={request.param}", "model.edited_dtype=model"])
+    cfg = load("emsedit", mode="sequential",
+               overrides=TINY + [f"model.dtype={request.param}", "model.edited_dtype=model"])
     session = api.open_session(cfg)
     assert session.editor.weights()[0].dtype == getattr(torch, request.param)
     batch = tokenize_batch(session.tokenizer, bundled_facts("eval")[:4], need_equiv=False)

@@ -34,9 +34,9 @@ from emsedit_fast.data.schemas import FORMATS
 from emsedit_fast.data.schemas import PLAIN_KEYS
 from emsedit_fast.data.schemas import DataError
 from emsedit_fast.data.schemas import load_records
+from emsedit_fast.editfiles import weights_by_name
 from emsedit_fast.journal import Journal
 from emsedit_fast.updates import apply_edit_
-from emsedit_fast.editfiles import weights_by_name
 
 FIXTURES = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
