@@ -175,7 +175,7 @@ class EasyEditor:
             raise ValueError("EasyEditor needs the model's tokenizer")
         self.session = api.open_session(hparams, checkpoint=checkpoint, model=model, tokenizer=tokenizer,
                                         editor_device=editor_device)
-        if checkpoint is None:
+        if checkpoint is None and hparams.editor.trainable:
             log.warning("EasyEditor without a checkpoint: the %s hypernetworks are untrained", hparams.editor.name)
         self._initial_stats = self.session.editor.normaliser_state()
 

@@ -22,9 +22,10 @@ from emsedit_fast.config import ConfigError
 from emsedit_fast.config import RunConfig
 from emsedit_fast.config import load
 
-# alg_name -> editor preset. EasyEdit ships MEND and MALMEN; RLEdit and EMSEdit files use the same vocabulary with
-# MALMEN's meaning of `lr` (their published code descends from MALMEN's).
-ALGORITHMS = {"MEND": "mend", "MALMEN": "malmen", "RLEDIT": "rledit", "EMSEDIT": "emsedit"}
+# alg_name -> editor preset. EasyEdit ships MEND, MALMEN and UltraEdit; RLEdit and EMSEdit files use the same
+# vocabulary with MALMEN's meaning of `lr` (their published code descends from MALMEN's). UltraEdit's `lr` is its
+# target scale eta (v = -lr ||u^||^2 delta^), the same key as MALMEN's initial step size; it needs no archive.
+ALGORITHMS = {"MEND": "mend", "MALMEN": "malmen", "RLEDIT": "rledit", "EMSEDIT": "emsedit", "ULTRAEDIT": "ultraedit"}
 
 # Keys that mean the same thing here: key -> (RunConfig key, what it is). `lr` and `batch_size` depend on alg_name.
 MAPPED = {
@@ -92,6 +93,7 @@ IGNORED = {
     "val_steps": "validation uses data.eval_batches", "max_output_length": "no generation during editing",
     "cbase": "only used with train_base, which is false",
     "archive": "from_hparams loads it as the editor checkpoint", "alg": "must agree with alg_name",
+    "batch_size_once": "UltraEdit: rows per cache chunk (every row of a step is cached in one pass here)",
 }
 
 # Read outside the key-by-key loop: they combine with each other or with the result.

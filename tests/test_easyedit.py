@@ -358,7 +358,7 @@ results_dir: ./results
 
 
 def test_unknown_algorithms_and_contradictions_are_refused(tmp_path):
-    for name in ("ROME", "ULTRAEDIT"):
+    for name in ("ROME", "MEMIT"):
         with pytest.raises(ConfigError, match=f"alg_name '{name}' has no equivalent.*MEND, MALMEN, RLEDIT, EMSEDIT"):
             load_hparams(_write(tmp_path, f"alg_name: {name}\n"))
     with pytest.raises(ConfigError, match="alg_name None"):
@@ -396,3 +396,11 @@ def test_docs_table_lists_every_key():
             table_keys |= set(re.findall(r"`([a-z_0-9]+)`", line.split("|")[1]))
     known = set(eh.MAPPED) | set(eh.FIXED) | set(eh.IGNORED) | set(eh.SPECIAL)
     assert table_keys == known
+
+
+def test_ultraedit_files_map_to_the_training_free_editor(tmp_path):
+    """EasyEdit's UltraEdit files: lr is the target scale eta, no archive is needed (nothing is trained)."""
+    cfg = load_hparams(_write(tmp_path, "alg_name: ULTRAEDIT\nlr: 1.0e-6\nbatch_size: 4\nbatch_size_once: 16\n"
+                                        "editor_batch_size: 1024\ntoken: ans\nmax_length: 40\n"))
+    assert cfg.editor.name == "ultraedit" and not cfg.editor.trainable and cfg.editor.n_blocks == 0
+    assert cfg.editor.eta_init == 1.0e-6 and cfg.editor.coeff_keys == "normalised"
