@@ -15,10 +15,13 @@ TORCH_LIBRARY(emsedit_fast, m) {
         "Tensor value_grads) -> ()");
   m.def("running_stats_normalize(Tensor keys, Tensor value_grads, Tensor mean, Tensor std, float eps) -> Tensor");
   // hypernet_block: z + s[idx] * relu(z A B + c) + t[idx] (or MEND's relu(s[idx] * (zAB + c) + t[idx])).
+  // Returns (z', act, pre): with save_for_backward, act = z0 A (N, r) and pre = p = act B + c (N, D), which the
+  // backward then takes instead of recomputing them; otherwise both are empty.
   m.def("hypernet_block(Tensor z, Tensor a, Tensor b, Tensor c, Tensor s, Tensor t, Tensor idx, bool relu_first, "
-        "Tensor? mean, Tensor? std) -> Tensor");
+        "Tensor? mean, Tensor? std, bool save_for_backward=False) -> (Tensor, Tensor, Tensor)");
   m.def("hypernet_block_backward(Tensor grad_out, Tensor z, Tensor a, Tensor b, Tensor c, Tensor s, Tensor t, "
-        "Tensor idx, bool relu_first, Tensor? mean, Tensor? std) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor idx, bool relu_first, Tensor? mean, Tensor? std, Tensor? act=None, Tensor? pre=None) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // value_targets: coeff_j = -eta[idx_j] <u_j, u~_j>, target_j = coeff_j delta~_j.
   m.def("value_targets(Tensor keys, Tensor z, Tensor eta, Tensor idx) -> (Tensor, Tensor)");
   m.def("value_targets_backward(Tensor grad_targets, Tensor? grad_coeffs, Tensor keys, Tensor z, Tensor eta, "

@@ -17,13 +17,15 @@ Forward, one kernel for every rank (`_hypernet_block_fwd_kernel`, one program pe
   2. for each BLOCK_D column tile: p = sum over rank chunks act[:, chunk] B[chunk, cols] (GEMM2 accumulated in
      registers), then the whole block in the epilogue (+c, relu, s/t gathered by idx, residual z0) and one store.
   Bytes per row: z read once per rank chunk for GEMM1 (L2 hits for all but the first) and once for the residual, z'
-  written once; act (r fp32 per row, r/D of z) written once; p never leaves registers. A and B are read once per
-  row tile.
-Backward, recomputing the forward; every reduction has a fixed order (no float atomics), so it is deterministic:
-  act = z0 A                                          `_hypernet_block_rowgemm_kernel` (normalising prologue)
-  p = act B + c, then pi, grad_s, grad_t per layer    `_hypernet_block_pi_bwd_kernel`: one program per (layer,
+  written once; act (r fp32 per row, r/D of z) written once; p never leaves registers, except under autograd
+  (save_for_backward), where it is stored once as pre and act is kept, so the backward recomputes neither.
+Backward, recomputing what the forward did not save; every reduction has a fixed order (no float atomics), so it is
+deterministic:
+  act = z0 A (unless saved)                           `_hypernet_block_rowgemm_kernel` (normalising prologue)
+  p = act B + c (or pre), then pi, grad_s, grad_t     `_hypernet_block_pi_bwd_kernel`: one program per (layer,
                                                       column tile) walks that layer's rows (a stable sort of idx),
-                                                      recomputes its p tile and writes only pi = s * gamma * mask
+                                                      recomputes (or reads) its p tile, writes only
+                                                      pi = s * gamma * mask
   grad_c = sum_l pisum_l                              torch sum over L rows
   alpha = pi B^T, grad_z = (gamma + alpha A^T) [/ (std + eps)]   `_hypernet_block_dz_bwd_kernel`: the forward's
                                                       two-phase structure (alpha kept for grad_a)
@@ -60,10 +62,10 @@ def _load_input(z_ptr, mean_ptr, std_ptr, rows, cols, row_ok, col_ok, stride_zm,
 
 
 @triton.jit
-def _block_epilogue(p, c_ptr, s_ptr, t_ptr, layer, cols, row_ok, col_ok, stride_sl, RELU_FIRST: tl.constexpr):
-    """h from the GEMM2 tile p (BLOCK_N, BLOCK_D): + c, relu (x * [x >= 0], as the reference), s/t gathered by layer."""
+def _block_epilogue(p, s_ptr, t_ptr, layer, cols, row_ok, col_ok, stride_sl, RELU_FIRST: tl.constexpr):
+    """h from the pre-activation tile p = act B + c (BLOCK_N, BLOCK_D): relu (x * [x >= 0], as the reference) and
+    s/t gathered by layer."""
     mask = row_ok[:, None] & col_ok[None, :]
-    p = p + tl.load(c_ptr + cols, mask=col_ok, other=0.0)[None, :]
     s = tl.load(s_ptr + layer[:, None] * stride_sl + cols[None, :], mask=mask, other=0.0)
     t = tl.load(t_ptr + layer[:, None] * stride_sl + cols[None, :], mask=mask, other=0.0)
     if RELU_FIRST:
@@ -124,8 +126,9 @@ def _hypernet_block_fwd_kernel(
     idx_ptr,  # (N,) int64 layer of each row
     mean_ptr,  # (D,) fp32 normaliser mean (read only when NORMALIZE)
     std_ptr,  # (D,) fp32 normaliser std (read only when NORMALIZE)
-    act_ptr,  # (N, r) fp32 scratch: act = z0 A, written and read back by the program owning the rows
+    act_ptr,  # (N, r) fp32 scratch: act = z0 A, written and read back by the program owning the rows (kept by SAVE)
     out_ptr,  # (N, D) fp32 out z', row stride stride_om
+    pre_ptr,  # (N, D) fp32 out with SAVE: the pre-activation p = act B + c, row stride stride_om (same layout as out)
     n_rows,
     rows_bucket,  # next power of two >= n_rows: the autotune key (one tuning per bucket, not per batch size)
     d_total,  # D
@@ -138,6 +141,7 @@ def _hypernet_block_fwd_kernel(
     stride_om,
     RELU_FIRST: tl.constexpr,  # True: s * relu(p) + t; False: relu(s * p + t) (MEND)
     NORMALIZE: tl.constexpr,  # fold the normaliser into GEMM1's prologue and the residual
+    SAVE: tl.constexpr,  # also store pre for the backward (training); act is then an output too
     EPS: tl.constexpr,  # 2^-23
     DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32" (see _common.dot_precision)
     BLOCK_N: tl.constexpr,  # rows per program
@@ -158,12 +162,15 @@ def _hypernet_block_fwd_kernel(
     for d0 in range(0, d_total, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         col_ok = cols < d_total
+        mask = row_ok[:, None] & col_ok[None, :]
         p = _expand_tile(act_ptr, b_ptr, rows, row_ok, cols, col_ok, rank, stride_actm, stride_bm, 1,
                          DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_R)
-        h = _block_epilogue(p, c_ptr, s_ptr, t_ptr, layer, cols, row_ok, col_ok, stride_sl, RELU_FIRST)
+        p = p + tl.load(c_ptr + cols, mask=col_ok, other=0.0)[None, :]
+        if SAVE:
+            tl.store(pre_ptr + rows[:, None] * stride_om + cols[None, :], p, mask=mask)
+        h = _block_epilogue(p, s_ptr, t_ptr, layer, cols, row_ok, col_ok, stride_sl, RELU_FIRST)
         z0 = _load_input(z_ptr, mean_ptr, std_ptr, rows, cols, row_ok, col_ok, stride_zm, NORMALIZE, EPS)
-        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], z0 + h,
-                 mask=row_ok[:, None] & col_ok[None, :])
+        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], z0 + h, mask=mask)
 
 
 @triton.jit
@@ -205,9 +212,10 @@ def _hypernet_block_rowgemm_kernel(
 @triton.jit
 def _hypernet_block_pi_bwd_kernel(
     grad_out_ptr,  # (N, D) fp32 gamma = dL/dz', row stride stride_gm
-    act_ptr,  # (N, r) fp32 act = z0 A, row stride stride_actm
-    b_ptr,  # (r, D) fp32 B, row stride stride_bm
+    act_ptr,  # (N, r) fp32 act = z0 A, row stride stride_actm (unused with HAS_PRE)
+    b_ptr,  # (r, D) fp32 B, row stride stride_bm (unused with HAS_PRE)
     c_ptr,  # (D,) fp32
+    pre_ptr,  # (N, D) fp32 p saved by the forward, row stride stride_gm (read only with HAS_PRE)
     s_ptr,  # (L, D) fp32, row stride stride_sl
     t_ptr,  # (L, D) fp32
     perm_ptr,  # (N,) int64 rows sorted by layer (stable)
@@ -224,14 +232,15 @@ def _hypernet_block_pi_bwd_kernel(
     stride_sl,
     stride_pim,
     RELU_FIRST: tl.constexpr,
+    HAS_PRE: tl.constexpr,  # p comes from the forward (training) instead of act B + c
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
     # One program per (layer, column tile) walks that layer's rows in order: per-layer sums without atomics. p is
-    # recomputed tile by tile (GEMM2 over rank chunks) and never stored. Bytes: reads gamma once and act once per
-    # column tile (small: r per row), writes pi once; (L, D) outputs.
+    # read from the forward's pre, or recomputed tile by tile (GEMM2 over rank chunks) and never stored. Bytes: reads
+    # gamma once and pre once (or act once per column tile: r per row), writes pi once; (L, D) outputs.
     layer = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < d_total
@@ -248,8 +257,11 @@ def _hypernet_block_pi_bwd_kernel(
         i_ok = ii < end
         rows = tl.load(perm_ptr + ii, mask=i_ok, other=0)
         mask = i_ok[:, None] & col_ok[None, :]
-        p = _expand_tile(act_ptr, b_ptr, rows, i_ok, cols, col_ok, rank, stride_actm, stride_bm, 1, DOT_PRECISION,
-                         BLOCK_N, BLOCK_D, BLOCK_R) + c
+        if HAS_PRE:
+            p = tl.load(pre_ptr + rows[:, None] * stride_gm + cols[None, :], mask=mask, other=0.0)
+        else:
+            p = _expand_tile(act_ptr, b_ptr, rows, i_ok, cols, col_ok, rank, stride_actm, stride_bm, 1,
+                             DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_R) + c
         gamma = tl.load(grad_out_ptr + rows[:, None] * stride_gm + cols[None, :], mask=mask, other=0.0)
         if RELU_FIRST:
             # dt = gamma; ds = gamma * relu(p); pi = s * gamma * [p >= 0]
@@ -424,33 +436,37 @@ def _wgrad(x, y, i_dim, j_dim, *, mean=None, std=None):
 @triton_op("emsedit_fast::triton_hypernet_block", mutates_args={})
 def hypernet_block(z: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, s: torch.Tensor,
                    t: torch.Tensor, idx: torch.Tensor, relu_first: bool, mean: torch.Tensor | None,
-                   std: torch.Tensor | None) -> torch.Tensor:
-    """z' = z0 + h(z0) for all layers of a shape group in one launch, any rank; (N, D) fp32.
+                   std: torch.Tensor | None, save_for_backward: bool = False) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                      torch.Tensor]:
+    """(z', act, pre) for all layers of a shape group in one launch, any rank: z' (N, D) fp32; with
+    save_for_backward act = z0 A (N, r) and pre = p (N, D) for the backward, else both empty.
 
     Reference: emsedit_fast.reference.hypernet_block.
     """
     n_rows, d_total = z.shape  # inputs checked by the ops layer (emsedit_fast/ops/hypernet_block.py)
     rank = a.shape[1]
     out = torch.empty_like(z)
-    if n_rows == 0:
-        return out
-    normalize = mean is not None
-    act = torch.empty((n_rows, rank), dtype=torch.float32, device=z.device)  # per-row-tile scratch
-    wrap_triton(_FWD.kernel)[lambda m: (triton.cdiv(n_rows, m["BLOCK_N"]),)](
-        z, a, b, c, s, t, idx, mean if normalize else z, std if normalize else z, act, out, n_rows,
-        _common.bucket(n_rows), d_total, rank, z.stride(0), a.stride(0), b.stride(0), s.stride(0), act.stride(0),
-        out.stride(0), RELU_FIRST=relu_first, NORMALIZE=normalize, EPS=EPS, DOT_PRECISION=_common.dot_precision(),
-        **_chain_meta(_FWD, n_rows, d_total, rank))
-    return out
+    act = torch.empty((n_rows, rank), dtype=torch.float32, device=z.device)  # scratch, or kept for the backward
+    pre = torch.empty_like(z) if save_for_backward else z.new_empty(0)
+    if n_rows:
+        normalize = mean is not None
+        wrap_triton(_FWD.kernel)[lambda m: (triton.cdiv(n_rows, m["BLOCK_N"]),)](
+            z, a, b, c, s, t, idx, mean if normalize else z, std if normalize else z, act, out,
+            pre if save_for_backward else out, n_rows, _common.bucket(n_rows), d_total, rank, z.stride(0),
+            a.stride(0), b.stride(0), s.stride(0), act.stride(0), out.stride(0), RELU_FIRST=relu_first,
+            NORMALIZE=normalize, SAVE=save_for_backward, EPS=EPS, DOT_PRECISION=_common.dot_precision(),
+            **_chain_meta(_FWD, n_rows, d_total, rank))
+    return out, (act if save_for_backward else z.new_empty(0)), pre
 
 
 @triton_op("emsedit_fast::triton_hypernet_block_backward", mutates_args={})
 def hypernet_block_backward(grad_out: torch.Tensor, z: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                             c: torch.Tensor, s: torch.Tensor, t: torch.Tensor, idx: torch.Tensor, relu_first: bool,
-                            mean: torch.Tensor | None, std: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                         torch.Tensor, torch.Tensor,
-                                                                                         torch.Tensor, torch.Tensor]:
-    """(grad_z, grad_a, grad_b, grad_c, grad_s, grad_t) of `hypernet_block`, recomputing the forward.
+                            mean: torch.Tensor | None, std: torch.Tensor | None, act: torch.Tensor | None = None,
+                            pre: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                      torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_z, grad_a, grad_b, grad_c, grad_s, grad_t) of `hypernet_block`; act and pre from the forward when given
+    (both), else recomputed.
 
     With mean/std, grad_z is the gradient with respect to the raw rows x. Deterministic.
     Reference: emsedit_fast.reference.hypernet_block_backward.
@@ -462,7 +478,9 @@ def hypernet_block_backward(grad_out: torch.Tensor, z: torch.Tensor, a: torch.Te
     if n_rows == 0:
         return tuple(torch.zeros_like(x) for x in (z, a, b, c, s, t))
 
-    act = _act(z, a, mean, std)  # (N, r)
+    has_pre = pre is not None
+    if act is None:
+        act = _act(z, a, mean, std)  # (N, r)
 
     # Rows grouped by layer (stable: each layer's rows in their original order), without a host sync and with static
     # shapes (no bincount): offsets[l] = first position of layer l in the sorted index.
@@ -473,10 +491,11 @@ def hypernet_block_backward(grad_out: torch.Tensor, z: torch.Tensor, a: torch.Te
     grad_t = torch.empty_like(t)
     pisum = torch.empty_like(s)
     cfg = _common.pick(**_PI_CONFIG, BLOCK_N=n_rows, BLOCK_D=d_total, BLOCK_R=rank)
+    # pre is read with grad_out's row stride: both are contiguous (N, D)
     wrap_triton(_hypernet_block_pi_bwd_kernel)[(n_layers, triton.cdiv(d_total, cfg["BLOCK_D"]))](
-        grad_out, act, b, c, s, t, perm, offsets, pi, grad_s, grad_t, pisum, d_total, rank, grad_out.stride(0),
-        act.stride(0), b.stride(0), s.stride(0), pi.stride(0), RELU_FIRST=relu_first,
-        DOT_PRECISION=_common.dot_precision(), **cfg)
+        grad_out, act, b, c, pre if has_pre else grad_out, s, t, perm, offsets, pi, grad_s, grad_t, pisum, d_total,
+        rank, grad_out.stride(0), act.stride(0), b.stride(0), s.stride(0), pi.stride(0), RELU_FIRST=relu_first,
+        HAS_PRE=has_pre, DOT_PRECISION=_common.dot_precision(), **cfg)
     grad_c = pisum.sum(0)
 
     alpha = torch.empty((n_rows, rank), dtype=torch.float32, device=z.device)

@@ -53,17 +53,18 @@ SPECS: dict[str, list[tuple[str, dict, dict]]] = {
         for flag in (True, False)],
     "_value_targets_eta_bwd_kernel": [("fp32", {"idx_ptr": "*i64"}, dict(BLOCK_N=1024))],
     "_hypernet_block_fwd_kernel": [
-        (f"{prec}-relu_first={rf}-normalize={norm}-{label}", {"idx_ptr": "*i64"},
-         dict(RELU_FIRST=rf, NORMALIZE=norm, EPS=2.0**-23, DOT_PRECISION=prec, **_HB_CHAIN[label]))
-        for prec, rf, norm, label in [("ieee", True, True, "n32-r32-d64"), ("tf32", False, False, "n32-r32-d64")]
-        + [("tf32", True, True, label) for label in list(_HB_CHAIN)[1:]]],
+        (f"{prec}-relu_first={rf}-normalize={norm}-save={save}-{label}", {"idx_ptr": "*i64"},
+         dict(RELU_FIRST=rf, NORMALIZE=norm, SAVE=save, EPS=2.0**-23, DOT_PRECISION=prec, **_HB_CHAIN[label]))
+        for prec, rf, norm, save, label in [("ieee", True, True, False, "n32-r32-d64"),
+                                            ("tf32", False, False, True, "n32-r32-d64")]
+        + [("tf32", True, True, label.startswith("n64"), label) for label in list(_HB_CHAIN)[1:]]],
     "_hypernet_block_rowgemm_kernel": [
         (f"{prec}-norm_x={norm}", {}, dict(NORM_X=norm, EPS=2.0**-23, DOT_PRECISION=prec, **blocks))
         for prec, norm, blocks in (("ieee", True, _HB_GEMM), ("tf32", False, _WIDE))],
     "_hypernet_block_pi_bwd_kernel": [
-        (f"{prec}-relu_first={rf}", {"perm_ptr": "*i64", "offsets_ptr": "*i64"},
-         dict(RELU_FIRST=rf, DOT_PRECISION=prec, BLOCK_N=32, BLOCK_D=64, BLOCK_R=32))
-        for prec, rf in (("ieee", True), ("tf32", False))],
+        (f"{prec}-relu_first={rf}-pre={pre}", {"perm_ptr": "*i64", "offsets_ptr": "*i64"},
+         dict(RELU_FIRST=rf, HAS_PRE=pre, DOT_PRECISION=prec, BLOCK_N=32, BLOCK_D=64, BLOCK_R=32))
+        for prec, rf, pre in (("ieee", True, False), ("tf32", False, True))],
     "_hypernet_block_dz_bwd_kernel": [
         (f"{prec}-scale={scale}-{label}", {}, dict(SCALE_OUT=scale, EPS=2.0**-23, DOT_PRECISION=prec,
                                                    **_HB_CHAIN[label]))

@@ -14,11 +14,13 @@
 //   2. GEMM2 per (row tile x column tile), with a fused epilogue while the tile is in L2: + c, ReLU mask, gather
 //      s[idx], t[idx], residual. Memory traffic of stage 2: reads z0 and writes z' once; p never exists as an N x D
 //      tensor (the reference materialises p, the mask, relu(p), s[idx], t[idx], h and z' separately).
+//   save_for_backward (training: the backward follows at once): the epilogue also stores pre = p + c (N x D) and the
+//   op returns a and pre, so the backward runs no GEMM of the forward again. Otherwise both come back empty.
 //
-// Backward, recomputing a and p:
-//   column-block pass: for each block of columns (in parallel), walk the row tiles in row order: p tile by GEMM,
-//   then in one fused loop the mask, pi = s[idx] * gamma * [p >= 0] (N x D, needed by two GEMMs), and the
-//   per-column reductions dc, ds[idx], dt[idx] in fp64. A column block owns its columns of dc, ds, dt, so the
+// Backward, recomputing a and p unless the forward saved them:
+//   column-block pass: for each block of columns (in parallel), walk the row tiles in row order: p tile by GEMM (or
+//   the saved pre), then in one fused loop the mask, pi = s[idx] * gamma * [p >= 0] (N x D, needed by two GEMMs),
+//   and the per-column reductions dc, ds[idx], dt[idx] in fp64. A column block owns its columns of dc, ds, dt, so the
 //   reductions need no atomics and run in row order whatever the thread count (deterministic).
 //   GEMMs: dB = a^T pi, alpha = pi B^T, dA = z0^T alpha, dz = gamma + alpha A^T (then / (std + eps) with mean/std).
 
@@ -39,11 +41,13 @@ using emsedit_fast::cpu::sgemm;
 
 // fp32 machine epsilon: the normaliser's guard (reference.running_stats.EPS).
 constexpr float kEps = 1.1920928955078125e-07f;
-// Forward tiles: 64 rows x 256 columns of p (64 KiB) plus the B panel (r x 256) they read.
-constexpr int64_t kFwdRows = 64;
+// Forward tiles: 256 rows x 256 columns of p (256 KiB, L2) plus the B panel (r x 256) they read. The BLAS runs
+// short tiles slower: one core computing act B for N = 180, r = 1024, D = 18432 took 0.94 s in 64-row tiles, 0.68 s
+// in 256-row tiles and 0.72 s as one GEMM.
+constexpr int64_t kFwdRows = 256;
 constexpr int64_t kFwdCols = 256;
-// Backward: 128-column blocks (the unit of parallelism and of reduction ownership), walked in 64-row tiles.
-constexpr int64_t kBwdRows = 64;
+// Backward: 128-column blocks (the unit of parallelism and of reduction ownership), walked in 256-row tiles.
+constexpr int64_t kBwdRows = 256;
 constexpr int64_t kBwdCols = 128;
 
 struct Inputs {
@@ -127,17 +131,21 @@ EMS_EXACT void normalise_rows(const Inputs& in, float* out) {
   });
 }
 
-// Forward epilogue of one row piece (n columns): out = z0 + h, with p = gemm + c.
+// Forward epilogue of one row piece (n columns): out = z0 + h, with pre = p + c (also stored to pre_out when kSave).
 // z0 and out may alias (the folded-normaliser case reads z0 from the output buffer), which is why the loop is
 // vectorised by hand rather than left to the compiler. Same operations in the same order as the scalar tail.
-template <bool kReluFirst>
+template <bool kReluFirst, bool kSave>
 EMS_EXACT void forward_epilogue(const float* __restrict p, const float* __restrict c, const float* __restrict s,
-                                const float* __restrict t, const float* z0, float* out, int64_t n) {
+                                const float* __restrict t, const float* z0, float* out, float* __restrict pre_out,
+                                int64_t n) {
   int64_t k = 0;
 #ifdef EMSEDIT_FAST_AVX2
   const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
   for (; k + 8 <= n; k += 8) {
     const __m256 pre = _mm256_add_ps(_mm256_loadu_ps(p + k), _mm256_loadu_ps(c + k));
+    if (kSave) {
+      _mm256_storeu_ps(pre_out + k, pre);
+    }
     __m256 h;
     if (kReluFirst) {
       // q = pre * [pre >= 0] (ordered compare: NaN gives 0, and NaN * 0 stays NaN, as in the reference)
@@ -152,6 +160,9 @@ EMS_EXACT void forward_epilogue(const float* __restrict p, const float* __restri
 #endif
   for (; k < n; ++k) {
     const float pre = p[k] + c[k];
+    if (kSave) {
+      pre_out[k] = pre;
+    }
     float h;
     if (kReluFirst) {
       const float q = pre * (pre >= 0.0f ? 1.0f : 0.0f);  // x * [x >= 0]: keeps NaN like the reference
@@ -164,14 +175,26 @@ EMS_EXACT void forward_epilogue(const float* __restrict p, const float* __restri
   }
 }
 
-at::Tensor hypernet_block_cpu(const at::Tensor& z_in, const at::Tensor& a_in, const at::Tensor& b_in,
-                              const at::Tensor& c_in, const at::Tensor& s_in, const at::Tensor& t_in,
-                              const at::Tensor& idx, bool relu_first, const std::optional<at::Tensor>& mean,
-                              const std::optional<at::Tensor>& std) {
+template <bool kReluFirst>
+void forward_epilogue_row(const float* p, const float* c, const float* s, const float* t, const float* z0,
+                          float* out, float* pre_out, int64_t n) {
+  if (pre_out != nullptr) {
+    forward_epilogue<kReluFirst, true>(p, c, s, t, z0, out, pre_out, n);
+  } else {
+    forward_epilogue<kReluFirst, false>(p, c, s, t, z0, out, nullptr, n);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> hypernet_block_cpu(
+    const at::Tensor& z_in, const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& c_in,
+    const at::Tensor& s_in, const at::Tensor& t_in, const at::Tensor& idx, bool relu_first,
+    const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std, bool save_for_backward) {
   const Inputs in = check_inputs(z_in, a_in, b_in, c_in, s_in, t_in, idx, mean, std, "hypernet_block");
   const int64_t N = in.N, D = in.D, r = in.r;
   at::Tensor out = at::empty({N, D}, in.z.options());  // (N, D)
+  at::Tensor pre = save_for_backward ? at::empty({N, D}, in.z.options()) : at::empty({0}, in.z.options());
   float* op = out.data_ptr<float>();
+  float* prep = save_for_backward ? pre.data_ptr<float>() : nullptr;
   const float* z0;
   if (in.mean.defined()) {
     normalise_rows(in, op);  // stage 0: z0 lives in the output buffer
@@ -180,7 +203,7 @@ at::Tensor hypernet_block_cpu(const at::Tensor& z_in, const at::Tensor& a_in, co
     z0 = in.z.data_ptr<float>();
   }
   if (N == 0) {
-    return out;
+    return {out, save_for_backward ? at::empty({0, r}, in.z.options()) : at::empty({0}, in.z.options()), pre};
   }
   // stage 1: a = z0 A (N x r), multi-threaded BLAS over all rows
   const at::Tensor z0t = in.mean.defined() ? out : in.z;
@@ -208,15 +231,16 @@ at::Tensor hypernet_block_cpu(const at::Tensor& z_in, const at::Tensor& a_in, co
         const float* pr = buf.data() + i * cols;
         const float* srow = sp + l * D + c0;  // gathered s[idx_j], t[idx_j]
         const float* trow = tp + l * D + c0;
+        float* pre_row = prep != nullptr ? prep + j * D + c0 : nullptr;
         if (relu_first) {
-          forward_epilogue<true>(pr, cp + c0, srow, trow, z0 + j * D + c0, op + j * D + c0, cols);
+          forward_epilogue_row<true>(pr, cp + c0, srow, trow, z0 + j * D + c0, op + j * D + c0, pre_row, cols);
         } else {
-          forward_epilogue<false>(pr, cp + c0, srow, trow, z0 + j * D + c0, op + j * D + c0, cols);
+          forward_epilogue_row<false>(pr, cp + c0, srow, trow, z0 + j * D + c0, op + j * D + c0, pre_row, cols);
         }
       }
     }
   });
-  return out;
+  return {out, save_for_backward ? act : at::empty({0}, in.z.options()), pre};
 }
 
 // Backward epilogue of one row piece (n columns of row j, layer rows ds/dt of idx_j):
@@ -283,7 +307,8 @@ EMS_EXACT void backward_epilogue(const float* __restrict p, const float* __restr
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hypernet_block_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& z_in, const at::Tensor& a_in, const at::Tensor& b_in,
     const at::Tensor& c_in, const at::Tensor& s_in, const at::Tensor& t_in, const at::Tensor& idx, bool relu_first,
-    const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std) {
+    const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std,
+    const std::optional<at::Tensor>& act_saved, const std::optional<at::Tensor>& pre_saved) {
   const char* opname = "hypernet_block_backward";
   const Inputs in = check_inputs(z_in, a_in, b_in, c_in, s_in, t_in, idx, mean, std, opname);
   const int64_t N = in.N, D = in.D, r = in.r, L = in.L;
@@ -291,6 +316,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                 grad_out_in.sizes() == in.z.sizes(),
             opname, ": grad_out must be fp32 ", in.z.sizes(), " on the CPU, got ", grad_out_in.sizes(), " ",
             grad_out_in.scalar_type());
+  const bool saved = act_saved.has_value() && act_saved->defined();
+  EMS_CHECK(saved == (pre_saved.has_value() && pre_saved->defined()), opname, ": give both act and pre, or neither");
+  if (saved) {
+    EMS_CHECK(act_saved->device().is_cpu() && act_saved->scalar_type() == at::kFloat && act_saved->dim() == 2 &&
+                  act_saved->size(0) == N && act_saved->size(1) == r,
+              opname, ": act must be (", N, ", ", r, ") fp32 on the CPU, got ", act_saved->sizes());
+    EMS_CHECK(pre_saved->device().is_cpu() && pre_saved->scalar_type() == at::kFloat &&
+                  pre_saved->sizes() == in.z.sizes(),
+              opname, ": pre must be (", N, ", ", D, ") fp32 on the CPU, got ", pre_saved->sizes());
+  }
   const at::Tensor gamma = grad_out_in.contiguous();  // dL/dz' (N, D)
 
   // z0: with mean/std it is materialised once, in the buffer that will later hold dz (it is needed by GEMM1 and by
@@ -301,37 +336,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     normalise_rows(in, grad_z.data_ptr<float>());
     z0 = grad_z;
   }
-  const at::Tensor act = at::mm(z0, in.a);            // a = z0 A (N, r)
-  at::Tensor pi = at::empty({N, D}, in.z.options());  // (N, D)
+  const at::Tensor act = saved ? act_saved->contiguous() : at::mm(z0, in.a);  // a = z0 A (N, r)
+  const at::Tensor pre = saved ? pre_saved->contiguous() : at::Tensor();      // p + c (N, D), from the forward
+  const std::vector<float> no_bias(saved ? static_cast<size_t>(D) : 0, 0.0f);  // pre already holds + c
+  at::Tensor pi = at::empty({N, D}, in.z.options());                          // (N, D)
   std::vector<double> ds_acc(static_cast<size_t>(L * D), 0.0), dt_acc(static_cast<size_t>(L * D), 0.0);
   std::vector<double> dc_acc(static_cast<size_t>(D), 0.0);
 
   const float* ap = act.data_ptr<float>();
   const float* bp = in.b.data_ptr<float>();
-  const float* cp = in.c.data_ptr<float>();
+  const float* cp = saved ? no_bias.data() : in.c.data_ptr<float>();
+  const float* prep = saved ? pre.data_ptr<float>() : nullptr;
   const float* sp = in.s.data_ptr<float>();
   const float* tp = in.t.data_ptr<float>();
   const float* gp = gamma.data_ptr<float>();
   float* pip = pi.data_ptr<float>();
   const int64_t col_blocks = (D + kBwdCols - 1) / kBwdCols;
-  at::parallel_for(0, col_blocks, parallel_grain(N * kBwdCols * (r + 1)), [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(static_cast<size_t>(kBwdRows * kBwdCols));  // one p tile per thread
+  const int64_t work = N * kBwdCols * (saved ? 1 : r + 1);  // per column block: the epilogue (and the p GEMM)
+  at::parallel_for(0, col_blocks, parallel_grain(work), [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(saved ? 0 : static_cast<size_t>(kBwdRows * kBwdCols));  // one p tile per thread
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t c0 = blk * kBwdCols, cols = std::min(kBwdCols, D - c0);
       for (int64_t r0 = 0; r0 < N; r0 += kBwdRows) {  // row order: fixed reduction order
         const int64_t rows = std::min(kBwdRows, N - r0);
-        sgemm(false, false, rows, cols, r, 1.0f, ap + r0 * r, r, bp + c0, D, 0.0f, buf.data(), cols);
+        if (!saved) {
+          sgemm(false, false, rows, cols, r, 1.0f, ap + r0 * r, r, bp + c0, D, 0.0f, buf.data(), cols);
+        }
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t j = r0 + i, l = in.idx[j];
           const int64_t off = j * D + c0;
+          const float* prow = saved ? prep + off : buf.data() + i * cols;  // p (+ c when saved) of row j
           double* ds = ds_acc.data() + l * D + c0;  // this block's columns of ds[idx_j], dt[idx_j]
           double* dt = dt_acc.data() + l * D + c0;
           if (relu_first) {
-            backward_epilogue<true>(buf.data() + i * cols, cp + c0, sp + l * D + c0, tp + l * D + c0, gp + off,
-                                    pip + off, ds, dt, dc_acc.data() + c0, cols);
+            backward_epilogue<true>(prow, cp + c0, sp + l * D + c0, tp + l * D + c0, gp + off, pip + off, ds, dt,
+                                    dc_acc.data() + c0, cols);
           } else {
-            backward_epilogue<false>(buf.data() + i * cols, cp + c0, sp + l * D + c0, tp + l * D + c0, gp + off,
-                                     pip + off, ds, dt, dc_acc.data() + c0, cols);
+            backward_epilogue<false>(prow, cp + c0, sp + l * D + c0, tp + l * D + c0, gp + off, pip + off, ds, dt,
+                                     dc_acc.data() + c0, cols);
           }
         }
       }

@@ -7,6 +7,7 @@
 // elementwise work around them is one fused kernel per direction:
 //   forward:   (mean/std) z0 normalised straight into the output buffer; p = a B (cuBLAS); epilogue kernel
 //              z' = z0 + h(p + c, s[idx], t[idx]) in place over the output (one read of p, one read-modify-write).
+//              save_for_backward also returns a and pre = p + c, which the backward then takes instead of the GEMMs.
 //   backward:  column kernel, one thread per column walking the rows in order: mask, pi (written over p), and the
 //              reductions dc, ds[idx], dt[idx] in fp64 registers / a per-column-owned buffer (no atomics, fixed
 //              order: deterministic); then dB = a^T pi, alpha = pi B^T, dA = z0^T alpha, dz = gamma + alpha A^T.
@@ -162,16 +163,18 @@ at::Tensor normalised(const Inputs& in, cudaStream_t stream) {
   return out;
 }
 
-at::Tensor hypernet_block_cuda(const at::Tensor& z, const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
-                               const at::Tensor& s, const at::Tensor& t, const at::Tensor& idx, bool relu_first,
-                               const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> hypernet_block_cuda(
+    const at::Tensor& z, const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, const at::Tensor& s,
+    const at::Tensor& t, const at::Tensor& idx, bool relu_first, const std::optional<at::Tensor>& mean,
+    const std::optional<at::Tensor>& std, bool save_for_backward) {
   const Inputs in = check_inputs(z, a, b, c, s, t, idx, mean, std, "hypernet_block");
   const c10::cuda::CUDAGuard guard(z.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   // z0: normalised into the buffer that becomes the output (z' = z0 + h overwrites it in place)
   at::Tensor out = in.mean.defined() ? normalised(in, stream) : at::empty_like(in.z);
   const at::Tensor z0 = in.mean.defined() ? out : in.z;
-  const at::Tensor p = at::mm(at::mm(z0, in.a), in.b);  // (N, r) then (N, D); never A B (D x D)
+  const at::Tensor act = at::mm(z0, in.a);  // (N, r), before the epilogue overwrites z0 (stream order)
+  const at::Tensor p = at::mm(act, in.b);   // (N, D); never A B (D x D)
   const int64_t total = in.N * in.D;
   if (total > 0) {
     forward_epilogue_kernel<<<blocks_for(total), kThreads, 0, stream>>>(p.data_ptr<float>(), in.c.data_ptr<float>(),
@@ -181,29 +184,45 @@ at::Tensor hypernet_block_cuda(const at::Tensor& z, const at::Tensor& a, const a
                                                                         relu_first, out.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  return out;
+  if (!save_for_backward) {
+    return {out, at::empty({0}, in.z.options()), at::empty({0}, in.z.options())};
+  }
+  return {out, act, at::add(p, in.c)};  // pre = p + c, the epilogue's single fp32 rounding
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hypernet_block_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& z, const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
     const at::Tensor& s, const at::Tensor& t, const at::Tensor& idx, bool relu_first,
-    const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std) {
+    const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std,
+    const std::optional<at::Tensor>& act_saved, const std::optional<at::Tensor>& pre_saved) {
   const char* op = "hypernet_block_backward";
   const Inputs in = check_inputs(z, a, b, c, s, t, idx, mean, std, op);
   EMS_CHECK(grad_out.device() == z.device() && grad_out.scalar_type() == at::kFloat && grad_out.sizes() == z.sizes(),
             op, ": grad_out must be fp32 ", z.sizes(), " on ", z.device());
+  const bool saved = act_saved.has_value() && act_saved->defined();
+  EMS_CHECK(saved == (pre_saved.has_value() && pre_saved->defined()), op, ": give both act and pre, or neither");
+  if (saved) {
+    EMS_CHECK(act_saved->device() == z.device() && act_saved->scalar_type() == at::kFloat && act_saved->dim() == 2 &&
+                  act_saved->size(0) == in.N && act_saved->size(1) == in.r,
+              op, ": act must be (", in.N, ", ", in.r, ") fp32 on ", z.device(), ", got ", act_saved->sizes());
+    EMS_CHECK(pre_saved->device() == z.device() && pre_saved->scalar_type() == at::kFloat &&
+                  pre_saved->sizes() == z.sizes(),
+              op, ": pre must be (", in.N, ", ", in.D, ") fp32 on ", z.device(), ", got ", pre_saved->sizes());
+  }
   const c10::cuda::CUDAGuard guard(z.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor gamma = grad_out.contiguous();  // dL/dz' (N, D)
   const at::Tensor z0 = in.mean.defined() ? normalised(in, stream) : in.z;
-  const at::Tensor act = at::mm(z0, in.a);  // (N, r)
-  at::Tensor pi = at::mm(act, in.b);        // p, then pi in place (N, D)
+  const at::Tensor act = saved ? act_saved->contiguous() : at::mm(z0, in.a);  // (N, r)
+  // p, then pi in place (N, D); a saved pre already holds + c (and is copied: backward may run twice)
+  at::Tensor pi = saved ? pre_saved->clone(at::MemoryFormat::Contiguous) : at::mm(act, in.b);
+  const at::Tensor bias = saved ? at::zeros_like(in.c) : in.c;
   at::Tensor ds_acc = at::zeros({in.L, in.D}, in.z.options().dtype(at::kDouble));
   at::Tensor dt_acc = at::zeros({in.L, in.D}, in.z.options().dtype(at::kDouble));
   at::Tensor grad_c = at::empty({in.D}, in.z.options());
   if (in.D > 0) {
     backward_column_kernel<<<blocks_for(in.D), kThreads, 0, stream>>>(pi.data_ptr<float>(), gamma.data_ptr<float>(),
-                                                                      in.c.data_ptr<float>(), in.s.data_ptr<float>(),
+                                                                      bias.data_ptr<float>(), in.s.data_ptr<float>(),
                                                                       in.t.data_ptr<float>(),
                                                                       in.idx.data_ptr<int64_t>(), in.N, in.D,
                                                                       relu_first, ds_acc.data_ptr<double>(),

@@ -8,8 +8,10 @@ One residual low-rank block for the rows of every same-shape layer at once (docs
     z' = z0 + h,   relu(x) = x * [x >= 0], relu'(0) = 1
 
 The C++ and Triton forwards are custom ops whose autograd is their own manual backward op, `hypernet_block_backward`
-(one fused pass per block, recomputing p; docs/method.md, "Meta-gradient"), so training never keeps PyTorch's
-intermediate graph of a block. The reference forward is differentiated by PyTorch autograd.
+(one fused pass per block; docs/method.md, "Meta-gradient"), so training never keeps PyTorch's intermediate graph of
+a block. Under autograd the forward also hands the backward act = z0 A (N, r) and pre = p (N, D), so no GEMM of the
+forward runs twice; called on its own, the backward recomputes them. The reference forward is differentiated by
+PyTorch autograd.
 """
 
 from __future__ import annotations
@@ -27,19 +29,27 @@ from emsedit_fast.ops._dispatch import triton_impl
 
 def _autograd(backward_op):
     """(backward, setup_context) of a forward op whose gradients come from `backward_op` (same arguments, plus
-    grad_out first). mean and std are constants (running-statistics buffers): they get no gradient."""
+    grad_out first and the forward's saved act and pre last). mean and std are constants (running-statistics
+    buffers): they get no gradient."""
 
     def setup_context(ctx, inputs, output):
-        z, a, b, c, s, t, idx, relu_first, mean, std = inputs
-        ctx.save_for_backward(z, a, b, c, s, t, idx, mean, std)
+        z, a, b, c, s, t, idx, relu_first, mean, std, save_for_backward = inputs
+        _, act, pre = output
+        ctx.mark_non_differentiable(act, pre)
+        saved = (act, pre) if save_for_backward else (None, None)
+        ctx.save_for_backward(z, a, b, c, s, t, idx, mean, std, *saved)
         ctx.relu_first = relu_first
 
-    def backward(ctx, grad_out):
-        z, a, b, c, s, t, idx, mean, std = ctx.saved_tensors
-        grads = backward_op(grad_out.contiguous(), z, a, b, c, s, t, idx, ctx.relu_first, mean, std)
-        return (*grads, None, None, None, None)
+    def backward(ctx, grad_out, _grad_act, _grad_pre):
+        z, a, b, c, s, t, idx, mean, std, act, pre = ctx.saved_tensors
+        grads = backward_op(grad_out.contiguous(), z, a, b, c, s, t, idx, ctx.relu_first, mean, std, act, pre)
+        return (*grads, None, None, None, None, None)
 
     return backward, setup_context
+
+
+def _reference_backward(grad_out, z, a, b, c, s, t, idx, relu_first, mean, std, act=None, pre=None):
+    return reference.hypernet_block_backward(grad_out, z, a, b, c, s, t, idx, relu_first, mean, std)
 
 
 _FORWARD = {
@@ -49,7 +59,7 @@ _FORWARD = {
                           autograd=_autograd(triton_impl("hypernet_block", "hypernet_block_backward"))),
 }
 _BACKWARD = {
-    "reference": reference.hypernet_block_backward,
+    "reference": _reference_backward,  # recomputes from z whatever was saved
     "cpp": cpp_impl("hypernet_block_backward"),
     "triton": triton_impl("hypernet_block", "hypernet_block_backward"),
 }
@@ -59,15 +69,18 @@ if _ext.load_error() is None:
 
     # Fake (meta) kernels: shapes and dtypes only, so FakeTensor tracing and torch.compile can see through the C++ ops.
     @torch.library.register_fake("emsedit_fast::hypernet_block")
-    def _hypernet_block_fake(z, a, b, c, s, t, idx, relu_first, mean, std):
-        return z.new_empty(z.shape)  # (N, D) fp32
+    def _hypernet_block_fake(z, a, b, c, s, t, idx, relu_first, mean, std, save_for_backward=False):
+        if not save_for_backward:
+            return z.new_empty(z.shape), z.new_empty(0), z.new_empty(0)  # z' (N, D); nothing saved
+        return z.new_empty(z.shape), z.new_empty(z.shape[0], a.shape[1]), z.new_empty(z.shape)  # z', act, pre
 
     @torch.library.register_fake("emsedit_fast::hypernet_block_backward")
-    def _hypernet_block_backward_fake(grad_out, z, a, b, c, s, t, idx, relu_first, mean, std):
+    def _hypernet_block_backward_fake(grad_out, z, a, b, c, s, t, idx, relu_first, mean, std, act=None, pre=None):
         return tuple(x.new_empty(x.shape) for x in (z, a, b, c, s, t))  # gradients shaped like their inputs
 
 
-def check_hypernet_block(z, a, b, c, s, t, idx, mean, std, grad_out=None, op: str = "hypernet_block") -> None:
+def check_hypernet_block(z, a, b, c, s, t, idx, mean, std, grad_out=None, act=None, pre=None,
+                         op: str = "hypernet_block") -> None:
     """The input check of `hypernet_block` (and, with grad_out, of `hypernet_block_backward`)."""
     _checks.check(z.dim() == 2, op, f"z must be (rows, D), got {_checks.shape(z)}")
     n, d = z.shape
@@ -86,8 +99,14 @@ def check_hypernet_block(z, a, b, c, s, t, idx, mean, std, grad_out=None, op: st
     if grad_out is not None:
         _checks.check(grad_out.shape == z.shape, op,
                       f"grad_out must match z ({_checks.shape(z)}), got {_checks.shape(grad_out)}")
-    _checks.dtype(op, (torch.float32,), z=z, a=a, b=b, c=c, s=s, t=t, mean=mean, std=std, grad_out=grad_out)
-    _checks.same_device(op, z=z, a=a, b=b, c=c, s=s, t=t, idx=idx, mean=mean, std=std, grad_out=grad_out)
+    _checks.check((act is None) == (pre is None), op, "give both act and pre (saved by the forward), or neither")
+    if act is not None:
+        _checks.check(act.shape == (n, r) and pre.shape == (n, d), op,
+                      f"act must be ({n}, {r}) and pre ({n}, {d}), got {_checks.shape(act)} and {_checks.shape(pre)}")
+    _checks.dtype(op, (torch.float32,), z=z, a=a, b=b, c=c, s=s, t=t, mean=mean, std=std, grad_out=grad_out,
+                  act=act, pre=pre)
+    _checks.same_device(op, z=z, a=a, b=b, c=c, s=s, t=t, idx=idx, mean=mean, std=std, grad_out=grad_out, act=act,
+                        pre=pre)
 
 
 def _contiguous(*tensors):
@@ -113,14 +132,21 @@ def hypernet_block(z: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.T
     Reference: emsedit_fast.reference.hypernet_block (one call per layer).
     """
     check_hypernet_block(z, a, b, c, s, t, idx, mean, std)
-    _, fn = select("hypernet_block", _FORWARD, (z, a, b), backend)
-    return fn(*_contiguous(z, a, b, c, s, t, idx), bool(relu_first), *_contiguous(mean, std))
+    name, fn = select("hypernet_block", _FORWARD, (z, a, b), backend)
+    args = (*_contiguous(z, a, b, c, s, t, idx), bool(relu_first), *_contiguous(mean, std))
+    if name == "reference":
+        return fn(*args)
+    # Under autograd the fused forward also returns act = z0 A and pre = p (N x D fp32, held until the backward), so
+    # the backward runs no GEMM of the forward again: 6 GEMMs per step instead of 8, like PyTorch's own autograd.
+    save = torch.is_grad_enabled() and any(x.requires_grad for x in (z, a, b, c, s, t))
+    return fn(*args, save)[0]
 
 
 def hypernet_block_backward(grad_out: torch.Tensor, z: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                             c: torch.Tensor, s: torch.Tensor, t: torch.Tensor, idx: torch.Tensor, *,
                             relu_first: bool = True, mean: torch.Tensor | None = None,
-                            std: torch.Tensor | None = None, backend: str | None = None) -> tuple[torch.Tensor, ...]:
+                            std: torch.Tensor | None = None, act: torch.Tensor | None = None,
+                            pre: torch.Tensor | None = None, backend: str | None = None) -> tuple[torch.Tensor, ...]:
     """Gradients (z, a, b, c, s, t) of `hypernet_block` given gamma = dL/dz' (N, D); recomputes the forward.
 
     With q = relu(p) and the mask m = [p >= 0] (relu_first), or g = gamma * [s[idx] p + t[idx] >= 0] (MEND's order):
@@ -130,9 +156,10 @@ def hypernet_block_backward(grad_out: torch.Tensor, z: torch.Tensor, a: torch.Te
         dc = sum_rows pi;  dB = (z0 A)^T pi;  alpha = pi B^T;  dA = z0^T alpha;  dz = gamma + alpha A^T
 
     and with mean/std, dz is divided by (std + NORM_EPS) (the gradient with respect to the raw rows x).
-    Reference: emsedit_fast.reference.hypernet_block_backward.
+    act (N, r) = z0 A and pre (N, D) = p, when given (both), are taken instead of recomputed: the fused backends'
+    forwards return them under autograd. Reference: emsedit_fast.reference.hypernet_block_backward.
     """
     op = "hypernet_block_backward"
-    check_hypernet_block(z, a, b, c, s, t, idx, mean, std, grad_out=grad_out, op=op)
+    check_hypernet_block(z, a, b, c, s, t, idx, mean, std, grad_out=grad_out, act=act, pre=pre, op=op)
     _, fn = select(op, _BACKWARD, (z, a, b), backend)
-    return fn(*_contiguous(grad_out, z, a, b, c, s, t, idx), bool(relu_first), *_contiguous(mean, std))
+    return fn(*_contiguous(grad_out, z, a, b, c, s, t, idx), bool(relu_first), *_contiguous(mean, std, act, pre))

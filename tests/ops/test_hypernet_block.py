@@ -114,6 +114,40 @@ def test_hypernet_block_autograd_runs_the_fused_backward_op(backend):
     assert all(x.grad is not None for x in leaves)
 
 
+def _raw_forward(backend):
+    """The backend's forward operator, which also returns (act, pre) when asked to save them."""
+    if backend == "cpp":
+        return torch.ops.emsedit_fast.hypernet_block
+    from emsedit_fast.ops._dispatch import _load_triton
+
+    _load_triton("hypernet_block", "hypernet_block")
+    return torch.ops.emsedit_fast.triton_hypernet_block
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("relu_first", [True, False], ids=["relu_affine", "affine_relu"])
+@pytest.mark.parametrize("case", [(2, 9, 40, 80), (4, (5, 0, 17, 2), 37, 20)], ids=_ids)
+def test_hypernet_block_saved_intermediates(backend, relu_first, case):
+    """save_for_backward returns act = z0 A and pre = act B + c, and the backward given them equals the backward that
+    recomputes them; without saving, both come back empty."""
+    device = device_for(backend)
+    require_backend(backend, device)
+    z, p, idx, stats = _inputs(case, device, normalise=True)
+    args = (z, *(p[k] for k in PARAM_NAMES), idx, relu_first, stats["mean"], stats["std"])
+    out, act, pre = _raw_forward(backend)(*args, True)
+    z0 = reference.running_stats_normalize(z, z[:, :0], stats["mean"], stats["std"])
+    assert_close_to_reference(act, z0 @ p["a"], kind="reduction", label="act")
+    assert_close_to_reference(pre, z0 @ p["a"] @ p["b"] + p["c"], kind="reduction", label="pre")
+    plain, act0, pre0 = _raw_forward(backend)(*args, False)
+    assert torch.equal(out, plain) and act0.numel() == 0 and pre0.numel() == 0
+    grad_out = randn(*z.shape, seed=8, device=device)
+    kw = dict(relu_first=relu_first, backend=backend, **stats)
+    saved = ops.hypernet_block_backward(grad_out, z, *(p[k] for k in PARAM_NAMES), idx, act=act, pre=pre, **kw)
+    recomputed = ops.hypernet_block_backward(grad_out, z, *(p[k] for k in PARAM_NAMES), idx, **kw)
+    for name, a, e in zip(("z",) + PARAM_NAMES, saved, recomputed):
+        assert_close_to_reference(a, e, kind="reduction", label=f"{backend}-saved-{name}")
+
+
 @pytest.mark.parametrize("backend", ["reference"] + backend_params())
 def test_hypernet_block_properties_identity_at_init(backend):
     """With B = 0, c = 0, s = 1, t = 0 the block is exactly the identity on (normalised) rows."""

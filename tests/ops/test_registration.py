@@ -43,7 +43,7 @@ def _args(op: str, device: str, requires_grad: bool = False) -> tuple:
     args = {
         "running_stats_update_": (st["count"], st["mean"], st["var"], st["std"], keys, grads),
         "running_stats_normalize": (keys, grads, st["mean"], st["std"], ops.NORM_EPS),
-        "hypernet_block": (z, g["a"], g["b"], g["c"], g["s"], g["t"], idx, True, st["mean"], st["std"]),
+        "hypernet_block": (z, g["a"], g["b"], g["c"], g["s"], g["t"], idx, True, st["mean"], st["std"], True),
         "hypernet_block_backward": (randn(2 * n, d, seed=9, device=device), z, g["a"], g["b"], g["c"], g["s"],
                                     g["t"], idx, False, None, None),
         "value_targets": (keys, z, eta, idx),
@@ -63,10 +63,15 @@ def _args(op: str, device: str, requires_grad: bool = False) -> tuple:
 
 def _public_call(op: str):
     """fn(*raw_args) calling the public op the way the editors do (keywords where the public op has them)."""
-    if op in ("hypernet_block", "hypernet_block_backward"):
+    if op == "hypernet_block":
+        def call(*args, backend):  # the public op decides save_for_backward itself
+            *tensors, relu_first, mean, std, _ = args
+            return ops.hypernet_block(*tensors, relu_first=relu_first, mean=mean, std=std, backend=backend)
+        return call
+    if op == "hypernet_block_backward":
         def call(*args, backend):
             *tensors, relu_first, mean, std = args
-            return getattr(ops, op)(*tensors, relu_first=relu_first, mean=mean, std=std, backend=backend)
+            return ops.hypernet_block_backward(*tensors, relu_first=relu_first, mean=mean, std=std, backend=backend)
         return call
     return lambda *args, backend: getattr(ops, op)(*args, backend=backend)
 
