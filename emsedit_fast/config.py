@@ -109,6 +109,9 @@ class TrainConfig:
     seq_optimizer_step: Literal["every_batch", "once_at_end"] = "every_batch"
     batch_step_chaining: Literal["reset", "chain"] = "reset"
     n_batches: int = 20  # training batches (sequential) or steps (batch mode); `epochs` overrides it
+    # sequential mode: reset the model to W0 every this many training batches, so that training sees sequences as
+    # long as the evaluation protocol's (0: one sequence over all batches, as published)
+    sequence_length: int = 0
     epochs: float = 0.0  # passes over the training split (0: train n_batches batches)
     micro_batch: int = 4
     eval_every: float = 0.0  # validation during training: every N batches (N >= 1) or fraction of the run (< 1)
@@ -118,6 +121,7 @@ class TrainConfig:
         _check(self.meta_lr > 0, "train.meta_lr", "must be > 0")
         _check(self.n_batches >= 1, "train.n_batches", "must be >= 1")
         _check(self.epochs >= 0, "train.epochs", "must be >= 0")
+        _check(self.sequence_length >= 0, "train.sequence_length", "must be >= 0")
         _check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
         _check(self.prior_records >= 1, "train.prior_records", "must be >= 1")
         _check(self.micro_batch >= 1, "train.micro_batch", "must be >= 1")

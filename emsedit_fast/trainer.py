@@ -227,6 +227,10 @@ class MetaTrainer:
             self.report.steps += 1
             self.report.edits += n_edits
             self.report.losses.append(loss)
+            if editor.mode == "sequential" and cfg.sequence_length and self.step % cfg.sequence_length == 0:
+                # the end of one lifelong sequence: the next starts from W0, as every evaluation sequence does
+                editor.reset()
+                recent.clear()
             bar.set_postfix(loss=f"{loss:.4f}", skipped=self.report.skipped)
             for cb in self.callbacks:
                 cb.on_train_step(self, {"step": self.step, "loss": loss, "skipped": self.report.skipped})
