@@ -73,7 +73,8 @@ def test_ridge_solve_grad_matches_reference(backend, case, form):
 @pytest.mark.parametrize("backend", ["reference"] + backend_params())
 @pytest.mark.parametrize("form", ["dual", "primal"])
 def test_ridge_solve_backward_matches_finite_differences(backend, form):
-    """The backward formulas (emsedit_fast/reference/ridge.py) in fp64: dL/dtargets and dL/dlog_ridge against central differences of L = <W, solution>."""
+    """The backward formulas (emsedit_fast/reference/ridge.py) in fp64: dL/dtargets and dL/dlog_ridge against central
+    differences of L = <W, solution>."""
     device = device_for(backend)
     require_backend(backend, device)
     if backend != "reference":
