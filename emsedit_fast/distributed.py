@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from emsedit_fast.cli import run_command
 
+
 def main(argv: list[str] | None = None) -> int:
     from emsedit_fast.config import add_run_arguments
 

@@ -20,9 +20,9 @@ from emsedit_fast.data.schemas import KINDS
 from emsedit_fast.data.schemas import DataError
 from emsedit_fast.data.schemas import EditRecord
 from emsedit_fast.data.schemas import LoadResult
+from emsedit_fast.data.schemas import RecordError
 from emsedit_fast.data.schemas import RecordStream
 from emsedit_fast.data.schemas import iter_records
-from emsedit_fast.data.schemas import RecordError
 from emsedit_fast.data.schemas import load_records
 from emsedit_fast.data.schemas import records_to_dataset
 from emsedit_fast.data.schemas import save_records
