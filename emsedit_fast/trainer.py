@@ -143,11 +143,16 @@ class MetaTrainer:
         loss = merged.loss
         coef = cfg.reg_coef if cfg.loss == "l2" else 0.0
         factors: dict[str, list] = {}
-        if coef and drift_steps is not None:
+        # the batch mode restores W0 before the meta-gradient reads the drift: a dense drift must be a copy then
+        copy_weights = drift_steps is not None
+        if coef and drift_steps is not None and all(gs.update.low_rank for rec in drift_steps for gs in rec.groups):
+            copy_weights = False
             for rec in drift_steps:
                 for gs in rec.groups:
                     for i, name in enumerate(gs.update.names):
                         factors.setdefault(name, []).append(gs.update.layer_delta(i))
+        else:
+            drift_steps = None  # primal (dense) steps: stream the drift from W and W0
         grads = {}
         to = editor.device  # the model may sit on another device than the hypernetworks
         for m, w0 in zip(modules, editor.base):
@@ -159,8 +164,9 @@ class MetaTrainer:
                     wg.drift_factors = [(b.t(), a) for b, a in factors.get(m.name, [])]
                     loss += coef * sum(_lowrank_sq_norm(b, a) for b, a in factors.get(m.name, []))
                 else:
-                    wg.drift_weights = (m.weight.detach(), w0, m.transposed)
-                    loss += coef * drift_sq_norm(m.weight.detach(), w0)
+                    weight = m.weight.detach().clone() if copy_weights else m.weight.detach()
+                    wg.drift_weights = (weight, w0, m.transposed)
+                    loss += coef * drift_sq_norm(weight, w0)
             grads[m.name] = wg
         return loss, grads
 

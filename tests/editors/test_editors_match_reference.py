@@ -77,7 +77,9 @@ def test_editor_fast_matches_reference(editor_name, regime, make_model):
         scale = ref[1][name].abs().max().item() + 1e-12
         assert_close_to_reference(fast[1][name] / scale, ref[1][name] / scale, kind="reduction", label=f"grad {name}")
     for name in ref[2]:
-        assert_close_to_reference(fast[2][name], ref[2][name], kind="reduction", label=f"state {name}")
+        # trained parameters after two optimiser steps through two solve forms (primal LU vs dual Cholesky): the
+        # fp32 reduction tolerance in absolute terms, as the parameters are O(1e-3) to O(1)
+        torch.testing.assert_close(fast[2][name], ref[2][name], rtol=1e-5, atol=1e-4, msg=f"state {name}")
     for i, (a, b) in enumerate(zip(fast[3], ref[3])):
         assert_close_to_reference(a, b, kind="reduction", label=f"edited weight {i}")
     fast_backends = set().union(*fast[4].values())
