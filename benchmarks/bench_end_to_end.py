@@ -3,7 +3,9 @@ same tokens (the floor the editor cannot go below), with where the rest of the t
 
 The zsRE work: SmolLM2-135M in bf16, gate_proj 10-14 + up_proj 17-23 (one shape group of 12 layers), rank 1024,
 EMSEdit K = 2 with the small-model profile, batches of 10 zsRE edits read from --zsre-data at run time (skipped when
-the file is absent; never committed). --smoke: the tiny LLaMA in bf16 (rank 8) on the bundled facts.
+the file is absent; never committed). --smoke: the tiny LLaMA in bf16 (rank 8) on the bundled facts. The model,
+edited modules and editor come from the engine's own session (emsedit_fast.api.open_session), so the benchmark
+measures whatever the engine does (e.g. the edited layers' dtype, model.edited_dtype).
 
 Providers:
     floor             the bare passes over the same tokens: parameters frozen, the lowest edited module's output the

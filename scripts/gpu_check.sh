@@ -5,8 +5,8 @@
 #       1. build _C with its CUDA kernels for this card (a failure is fatal), then check they are registered
 #       2. the op tests (tests/ops) with the GPU present: reference vs cpp and triton on CUDA, opcheck and the
 #          torch.compile(fullgraph=True) smoke tests; then that cpp and triton really served CUDA
-#       3. the op and editor benchmarks at LLaMA-3-8B shapes against the reference (GB/s next to the bandwidth
-#          floor) -> benchmarks/results/gpu-<card>.json and its tables, benchmarks/results/gpu-<card>.md
+#       3. the op and editor benchmarks at LLaMA-3-8B shapes against the competent PyTorch baseline (GB/s next to
+#          the bandwidth floor) -> benchmarks/results/gpu-<card>.json and its tables, benchmarks/results/gpu-<card>.md
 #   bash scripts/gpu_check.sh --dry-run   on a machine without one (CI-able, no device needed):
 #       1. every Triton kernel compiled for sm_90 (tests/test_triton_compile.py)
 #       2. _C built for real with EMSEDIT_FAST_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 against a CUDA build of torch in its
@@ -14,6 +14,9 @@
 #          tree under build/gpu-check/ (this checkout's own _C is left alone), then imported with every CUDA kernel
 #          registered (scripts/check_cuda_ext.py)
 #   --triton-only (with --dry-run): step 1 alone.  --fresh: rebuild the CUDA objects from scratch.
+#   Duration of --dry-run on two shared cores: step 1 about 20 s with a warm Triton cache, 110 s cold; step 2 took
+#   32 min for a fresh copy at load average 9 (15 CPU-minutes, so about 8 min on two idle cores; the virtual
+#   environment's torch install adds about a minute from local disk), and later runs recompile only changed sources.
 #
 # Needs only what a bare GPU machine has (python, torch with CUDA, triton, nvcc, pytest, pytest-benchmark,
 # hypothesis): nothing is installed from the network in GPU mode. Logs of every step: build/gpu-check/*.log.
@@ -93,7 +96,7 @@ cuda_venv() {
   "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q "torch==$CUDA_TORCH" setuptools wheel ninja
   "$VENV/bin/python" -c "import torch, sys; print(torch.__version__, 'CUDA', torch.version.cuda); \
-sys.exit('torch==$CUDA_TORCH installed without CUDA: pick a release with a CUDA build' if torch.version.cuda is None else 0)"
+sys.exit('torch==$CUDA_TORCH has no CUDA: pick a release with a CUDA build' if torch.version.cuda is None else 0)"
 }
 
 # the working tree (tracked and untracked, not ignored) copied to $WORK/src, keeping its build/ between runs so ninja
@@ -162,10 +165,14 @@ if ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
 fi
 missing=$("$PY" -c "
 import importlib.util as u
-print(' '.join(m for m in ('pytest', 'pytest_benchmark', 'hypothesis', 'triton') if u.find_spec(m) is None))")
+needed = ('pytest', 'pytest_benchmark', 'hypothesis', 'triton', 'setuptools')
+print(' '.join(m for m in needed if u.find_spec(m) is None))")
 if [ -n "$missing" ]; then
   echo "missing Python packages for the GPU check: $missing" >&2
   exit 2
+fi
+if ! "$PY" -c "import sys, torch.utils.cpp_extension as c; sys.exit(not c.is_ninja_available())"; then
+  echo "WARNING: no ninja: torch compiles the extension one file at a time, which may not fit the budget" >&2
 fi
 # the card's name as a file name: "NVIDIA H200" -> h200, "NVIDIA H100 80GB HBM3" -> h100-80gb-hbm3
 CARD=$("$PY" -c "import re, torch; n = torch.cuda.get_device_name(0).lower().removeprefix('nvidia').strip(); \

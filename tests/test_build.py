@@ -21,6 +21,18 @@ def test_import_does_not_import_triton():
     assert out.stdout.strip() == "False"
 
 
+def test_constant_result_mark_matches_the_official_decorator():
+    # ops._dispatch marks its trace-time constants without importing torch._dynamo; the mark must be exactly what
+    # torch.compiler.assume_constant_result sets, or torch.compile would trace into them
+    code = ("import sys, emsedit_fast.ops._dispatch as d; assert 'torch._dynamo' not in sys.modules; "
+            "import torch; f = lambda: 1; g = lambda: 1; ours = set(d._constant_result(f).__dict__); "
+            "ref = set(torch.compiler.assume_constant_result(g).__dict__); print(ours == ref and bool(ref), "
+            "d._static_reasons._dynamo_marked_constant)")
+    out = _run(code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True"]
+
+
 def test_disabled_extension_still_works_on_the_reference():
     code = ("import torch, emsedit_fast.ops as o; w=[torch.zeros(2)]; o.restore_(w,[torch.ones(2)]); "
             "print(o.availability()['cpp'])")

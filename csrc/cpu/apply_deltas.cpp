@@ -12,13 +12,15 @@
 // Here W is cut into tiles of kTileRows x kTileCols; one parallel region runs over the tiles of ALL layers, and each
 // thread computes its tile of X^T Y with one BLAS call into a small thread-local fp32 buffer (L2-resident) and adds
 // it into W with one rounding. W is read once and written once (4 B per bf16 element); the extra memory is one tile
-// per thread. The reduction over n happens inside one single-threaded GEMM per tile: no split-n, no atomics, so the
-// result does not depend on the thread count and replay is exact.
+// per thread. fp32 weights skip the buffer: the GEMM accumulates straight into W (beta = 1) over whole layers (or
+// row slices of them). The reduction over n happens inside one single-threaded GEMM per tile: no split-n, no
+// atomics, so replay with the same inputs is exact.
 
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "emsedit_fast/checks.h"
@@ -30,12 +32,23 @@ using emsedit_fast::cpu::add_scaled_row;
 using emsedit_fast::cpu::parallel_grain;
 using emsedit_fast::cpu::sgemm;
 
-// 64 x 1024 fp32 = 256 KiB: the tile, plus the Y panel it reads (n x 1024), stays in a 1-2 MiB L2. 64 rows also keep
-// enough tiles per layer to balance threads even for a handful of small layers. (Measured on Zen 4 for 12 x
-// 1536 x 576, n = 64: tiles from 64 x 512 to 256 x 4096 are within 5% of each other; the op is bound by the GEMM,
-// which runs at ~87 GFLOP/s per core, near peak.)
+// bf16/fp16 weights: 64 x 1024 fp32 = 256 KiB, the tile buffer, plus the Y panel it reads (n x 1024), stays in a
+// 1-2 MiB L2. 64 rows also keep enough tiles per layer to balance threads even for a handful of small layers.
+// (Measured on Zen 4 for 12 x 1536 x 576, n = 64: tiles from 64 x 512 to 256 x 4096 are within 5% of each other.)
 constexpr int64_t kTileRows = 64;
 constexpr int64_t kTileCols = 1024;
+// fp32 weights need no buffer (the GEMM accumulates into W, one pass: what W.addmm_(M^T, K) does), and the BLAS
+// runs slower on short tiles: for a 14336 x 4096 weight and n = 90 on one core, 64 x 1024 tiles took 1.6 s against
+// 1.07 s for one addmm_. So an fp32 layer is one tile, cut into row slices only when there are fewer layers than
+// threads (`fp32_tile_rows`).
+
+// Rows per tile of an fp32 layer with R rows: the whole layer, or 1 / ceil(threads / L) of it (whole 64-row groups).
+int64_t fp32_tile_rows(int64_t R, int64_t n_layers) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t parts = (threads + n_layers - 1) / std::max<int64_t>(n_layers, 1);
+  const int64_t rows = (R + parts - 1) / parts;
+  return std::max<int64_t>(64, (rows + 63) / 64 * 64);
+}
 // The dense transpose-add works on square blocks small enough for L1 (64 x 64 fp32 = 16 KiB).
 constexpr int64_t kBlock = 64;
 
@@ -45,12 +58,13 @@ struct Tile {
   int64_t c0, cols;  // columns [c0, c0 + cols) of W
 };
 
-// All tiles of all layers, in layer order; each layer is (R_l, C_l).
-std::vector<Tile> make_tiles(const std::vector<std::pair<int64_t, int64_t>>& dims, int64_t tile_rows,
-                             int64_t tile_cols) {
+// All tiles of all layers, in layer order; layer l is (R_l, C_l), cut into tiles of shape[l] = (rows, cols).
+std::vector<Tile> make_tiles(const std::vector<std::pair<int64_t, int64_t>>& dims,
+                             const std::vector<std::pair<int64_t, int64_t>>& shape) {
   std::vector<Tile> tiles;
   for (size_t l = 0; l < dims.size(); ++l) {
     const auto [R, C] = dims[l];
+    const auto [tile_rows, tile_cols] = shape[l];
     for (int64_t r0 = 0; r0 < R; r0 += tile_rows) {
       for (int64_t c0 = 0; c0 < C; c0 += tile_cols) {
         tiles.push_back({static_cast<int64_t>(l), r0, std::min(tile_rows, R - r0), c0, std::min(tile_cols, C - c0)});
@@ -111,6 +125,7 @@ void apply_deltas_cpu(at::TensorList weights, at::TensorList coeffs, at::TensorL
   std::vector<std::pair<int64_t, int64_t>> dims(L);
   std::vector<const float*> xs(L), ys(L);
   std::vector<int64_t> ns(L);
+  std::vector<std::pair<int64_t, int64_t>> shape(L);  // tile shape per layer: by the weight's dtype
   int64_t work = 0;  // multiply-adds plus the read-modify-write of W, for the parallel grain
   for (size_t l = 0; l < L; ++l) {
     const at::Tensor& w = weights[l];
@@ -122,6 +137,9 @@ void apply_deltas_cpu(at::TensorList weights, at::TensorList coeffs, at::TensorL
     const float* m = coeffs[l].data_ptr<float>();
     const float* k = keys[l].data_ptr<float>();
     dims[l] = {w.size(0), w.size(1)};
+    shape[l] = w.scalar_type() == at::kFloat
+                   ? std::make_pair(fp32_tile_rows(w.size(0), static_cast<int64_t>(L)), std::max<int64_t>(w.size(1), 1))
+                   : std::make_pair(kTileRows, kTileCols);
     xs[l] = transposed ? k : m;
     ys[l] = transposed ? m : k;
     ns[l] = coeffs[l].size(0);
@@ -132,7 +150,7 @@ void apply_deltas_cpu(at::TensorList weights, at::TensorList coeffs, at::TensorL
     work += dims[l].first * dims[l].second * (ns[l] + 1);
   }
 
-  const std::vector<Tile> tiles = make_tiles(dims, kTileRows, kTileCols);
+  const std::vector<Tile> tiles = make_tiles(dims, shape);
   const int64_t n_tiles = static_cast<int64_t>(tiles.size());
   at::parallel_for(0, n_tiles, parallel_grain(work / std::max<int64_t>(n_tiles, 1)), [&](int64_t begin, int64_t end) {
     // One fp32 tile buffer per thread (kTileRows x kTileCols); only the low-precision layers use it.
@@ -182,7 +200,8 @@ void apply_deltas_dense_cpu(at::TensorList weights, at::TensorList shifts, const
   // Conv1D: W (d_in, d_out) and S (d_in, d_out) share a layout, so a tile is a plain row-wise add.
   // Linear: W (d_out, d_in) gets S^T; each kBlock x kBlock block of S is transposed through an L1-resident buffer,
   // so both S and W are read in contiguous runs. Reads S once, reads and writes W once.
-  const std::vector<Tile> tiles = make_tiles(dims, kBlock, transposed ? kTileCols : kBlock);
+  const std::vector<Tile> tiles =
+      make_tiles(dims, std::vector<std::pair<int64_t, int64_t>>(L, {kBlock, transposed ? kTileCols : kBlock}));
   const int64_t n_tiles = static_cast<int64_t>(tiles.size());
   at::parallel_for(0, n_tiles, parallel_grain(work / std::max<int64_t>(n_tiles, 1)), [&](int64_t begin, int64_t end) {
     std::vector<float> buf(static_cast<size_t>(kBlock * kBlock));

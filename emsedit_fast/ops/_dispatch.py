@@ -29,6 +29,7 @@ import contextvars
 import importlib
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -140,7 +141,19 @@ def triton_impl(stem: str, op: str, autograd: tuple[Callable, Callable] | None =
 _TRITON_AUTOGRAD: dict[str, tuple[Callable, Callable]] = {}
 
 
-@torch.compiler.assume_constant_result
+def _constant_result(fn: Callable) -> Callable:
+    """torch.compiler.assume_constant_result without importing torch._dynamo at module import: that import costs
+    over a second and, from torch 2.13 on, imports Triton, which importing emsedit_fast must never do. Dynamo only
+    reads a mark on the function at trace time; tests/test_build.py checks that this mark is the one the official
+    decorator sets."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
+
+
+
+@_constant_result
 def _load_triton(stem: str, op: str) -> bool:
     # Runs eagerly even while torch.compile traces (an import cannot be traced); the traced call is the operator.
     importlib.import_module(f"emsedit_fast.kernels.{stem}")
@@ -245,16 +258,22 @@ def select(op: str, impls: dict[str, Callable], tensors: tuple[torch.Tensor, ...
     )
 
 
-@torch.compiler.assume_constant_result
+@_constant_result
 def _traced_request(backend: str | None) -> str:
     # The request as it stands when torch.compile traces the call (context variables cannot be traced).
     return requested_backend(backend)
 
 
-@torch.compiler.assume_constant_result
+@_constant_result
 def _static_reasons(op: str, name: str, device: str, dtypes: tuple[str, ...]) -> tuple[str, ...]:
     """Why backend `name` cannot serve `op` for tensors on `device` with these floating dtypes ('torch.float32', ...):
-    everything that depends on the installation, not on the data (a trace-time constant under torch.compile)."""
+    everything that depends on the installation, not on the data (a trace-time constant under torch.compile).
+    Cached for the reference and C++ backends, whose support is fixed once _C is imported; Triton's depends on the
+    environment (TRITON_INTERPRET, the device) and is evaluated every time."""
+    key = (op, name, device, dtypes)
+    cached = _STATIC_REASONS.get(key)
+    if cached is not None:
+        return cached
     b = BACKENDS[name]
     why = b.unavailable()
     out = [why] if why else []
@@ -267,7 +286,12 @@ def _static_reasons(op: str, name: str, device: str, dtypes: tuple[str, ...]) ->
         out.append(f"dtype={unsupported[0]} (supported: {sorted(supported)})")
     if name == "cpp" and not out and not cpp_has_kernel(op, device):
         out.append(f"emsedit_fast._C has no {device} kernel for {op}")
+    if name != "triton":
+        _STATIC_REASONS[key] = tuple(out)
     return tuple(out)
+
+
+_STATIC_REASONS: dict[tuple, tuple[str, ...]] = {}
 
 
 def _record(op: str, name: str, device: str, tensors) -> None:

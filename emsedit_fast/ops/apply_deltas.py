@@ -44,9 +44,10 @@ if _ext.load_error() is None:
 
 
 def _weight_dims(op, layer, w, transposed):
-    _checks.check(w.dim() == 2, op, f"weights[{layer}] must be 2-D, got {_checks.shape(w)}")
-    _checks.check(w.dtype in WEIGHT_DTYPES, op, f"weights[{layer}] dtype {w.dtype} unsupported (fp32, bf16, fp16)")
-    _checks.check(w.is_contiguous(), op, f"weights[{layer}] must be contiguous")
+    _checks.check(w.dim() == 2, op, lambda: f"weights[{layer}] must be 2-D, got {_checks.shape(w)}")
+    _checks.check(w.dtype in WEIGHT_DTYPES, op, lambda: f"weights[{layer}] dtype {w.dtype} unsupported "
+                                                        f"(fp32, bf16, fp16)")
+    _checks.check(w.is_contiguous(), op, lambda: f"weights[{layer}] must be contiguous")
     d_out, d_in = (w.shape[1], w.shape[0]) if transposed else (w.shape[0], w.shape[1])
     return d_in, d_out
 
@@ -54,7 +55,7 @@ def _weight_dims(op, layer, w, transposed):
 def _check_alpha(op, alpha, n_layers):
     if alpha is not None:
         _checks.check(alpha.shape == (n_layers,) and alpha.dtype == torch.float32, op,
-                      f"alpha must be ({n_layers},) fp32, got {_checks.shape(alpha)} {alpha.dtype}")
+                      lambda: f"alpha must be ({n_layers},) fp32, got {_checks.shape(alpha)} {alpha.dtype}")
 
 
 def check_apply_deltas_(weights, coeffs, keys, alpha, transposed) -> None:
@@ -62,36 +63,37 @@ def check_apply_deltas_(weights, coeffs, keys, alpha, transposed) -> None:
     op = "apply_deltas_"
     n = len(weights)
     _checks.check(n > 0 and len(coeffs) == n and len(keys) == n, op,
-                  f"need one coeffs and one keys tensor per weight, got {n} weights, {len(coeffs)} coeffs, "
+                  lambda: f"need one coeffs and one keys tensor per weight, got {n} weights, {len(coeffs)} coeffs, "
                   f"{len(keys)} keys")
     for layer, (w, m, k) in enumerate(zip(weights, coeffs, keys)):
         d_in, d_out = _weight_dims(op, layer, w, transposed)
         _checks.check(m.dim() == 2 and k.dim() == 2 and m.shape[0] == k.shape[0], op,
-                      f"layer {layer}: coeffs (n, d_out) and keys (n, d_in) must share n, got {_checks.shape(m)} "
+                      lambda: f"layer {layer}: coeffs (n, d_out) and keys (n, d_in) must share n, got "
+                              f"{_checks.shape(m)} "
                       f"and {_checks.shape(k)}")
         _checks.check(m.shape[1] == d_out and k.shape[1] == d_in, op,
-                      f"layer {layer}: weight implies d_in={d_in}, d_out={d_out} but coeffs is {_checks.shape(m)} "
+                      lambda: f"layer {layer}: weight implies d_in={d_in}, d_out={d_out} but coeffs is "
+                              f"{_checks.shape(m)} "
                       f"and keys is {_checks.shape(k)}")
         _checks.check(m.dtype == torch.float32 and k.dtype == torch.float32, op,
-                      f"layer {layer}: coeffs and keys must be fp32, got {m.dtype} and {k.dtype}")
+                      lambda: f"layer {layer}: coeffs and keys must be fp32, got {m.dtype} and {k.dtype}")
     _check_alpha(op, alpha, n)
-    _checks.same_device(op, alpha=alpha, **{f"weights[{i}]": w for i, w in enumerate(weights)},
-                        **{f"coeffs[{i}]": m for i, m in enumerate(coeffs)},
-                        **{f"keys[{i}]": k for i, k in enumerate(keys)})
+    _checks.same_device(op, alpha=alpha, weights=weights, coeffs=coeffs, keys=keys)
 
 
 def check_apply_deltas_dense_(weights, shifts, alpha, transposed) -> None:
     """The input check of `apply_deltas_dense_`."""
     op = "apply_deltas_dense_"
     n = len(weights)
-    _checks.check(n > 0 and len(shifts) == n, op, f"need one shift per weight, got {n} weights, {len(shifts)} shifts")
+    _checks.check(n > 0 and len(shifts) == n, op, lambda: f"need one shift per weight, got {n} weights, "
+                                                          f"{len(shifts)} shifts")
     for layer, (w, shift) in enumerate(zip(weights, shifts)):
         d_in, d_out = _weight_dims(op, layer, w, transposed)
         _checks.check(shift.shape == (d_in, d_out) and shift.dtype == torch.float32, op,
-                      f"layer {layer}: shift must be ({d_in}, {d_out}) fp32, got {_checks.shape(shift)} {shift.dtype}")
+                      lambda: f"layer {layer}: shift must be ({d_in}, {d_out}) fp32, got "
+                              f"{_checks.shape(shift)} {shift.dtype}")
     _check_alpha(op, alpha, n)
-    _checks.same_device(op, alpha=alpha, **{f"weights[{i}]": w for i, w in enumerate(weights)},
-                        **{f"shifts[{i}]": s for i, s in enumerate(shifts)})
+    _checks.same_device(op, alpha=alpha, weights=weights, shifts=shifts)
 
 
 def apply_deltas_(weights: list[torch.Tensor], coeffs: list[torch.Tensor], keys: list[torch.Tensor],

@@ -82,27 +82,28 @@ if _ext.load_error() is None:
 def check_hypernet_block(z, a, b, c, s, t, idx, mean, std, grad_out=None, act=None, pre=None,
                          op: str = "hypernet_block") -> None:
     """The input check of `hypernet_block` (and, with grad_out, of `hypernet_block_backward`)."""
-    _checks.check(z.dim() == 2, op, f"z must be (rows, D), got {_checks.shape(z)}")
+    _checks.check(z.dim() == 2, op, lambda: f"z must be (rows, D), got {_checks.shape(z)}")
     n, d = z.shape
     _checks.check(a.dim() == 2 and a.shape[0] == d and a.shape[1] >= 1, op,
-                  f"a must be (D={d}, rank >= 1), got {_checks.shape(a)}")
+                  lambda: f"a must be (D={d}, rank >= 1), got {_checks.shape(a)}")
     r = a.shape[1]
-    _checks.check(b.shape == (r, d), op, f"b must be (rank={r}, D={d}), got {_checks.shape(b)}")
-    _checks.check(c.shape == (d,), op, f"c must be ({d},), got {_checks.shape(c)}")
+    _checks.check(b.shape == (r, d), op, lambda: f"b must be (rank={r}, D={d}), got {_checks.shape(b)}")
+    _checks.check(c.shape == (d,), op, lambda: f"c must be ({d},), got {_checks.shape(c)}")
     _checks.check(s.dim() == 2 and s.shape[1] == d and t.shape == s.shape, op,
-                  f"s and t must be (layers, D={d}), got {_checks.shape(s)} and {_checks.shape(t)}")
+                  lambda: f"s and t must be (layers, D={d}), got {_checks.shape(s)} and {_checks.shape(t)}")
     _checks.index(op, idx, n)
     _checks.check((mean is None) == (std is None), op, "give both mean and std, or neither")
     if mean is not None:
         _checks.check(mean.shape == (d,) and std.shape == (d,), op,
-                      f"mean and std must be ({d},), got {_checks.shape(mean)} and {_checks.shape(std)}")
+                      lambda: f"mean and std must be ({d},), got {_checks.shape(mean)} and {_checks.shape(std)}")
     if grad_out is not None:
         _checks.check(grad_out.shape == z.shape, op,
-                      f"grad_out must match z ({_checks.shape(z)}), got {_checks.shape(grad_out)}")
+                      lambda: f"grad_out must match z ({_checks.shape(z)}), got {_checks.shape(grad_out)}")
     _checks.check((act is None) == (pre is None), op, "give both act and pre (saved by the forward), or neither")
     if act is not None:
         _checks.check(act.shape == (n, r) and pre.shape == (n, d), op,
-                      f"act must be ({n}, {r}) and pre ({n}, {d}), got {_checks.shape(act)} and {_checks.shape(pre)}")
+                      lambda: f"act must be ({n}, {r}) and pre ({n}, {d}), got {_checks.shape(act)} and "
+                              f"{_checks.shape(pre)}")
     _checks.dtype(op, (torch.float32,), z=z, a=a, b=b, c=c, s=s, t=t, mean=mean, std=std, grad_out=grad_out,
                   act=act, pre=pre)
     _checks.same_device(op, z=z, a=a, b=b, c=c, s=s, t=t, idx=idx, mean=mean, std=std, grad_out=grad_out, act=act,

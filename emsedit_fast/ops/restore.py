@@ -51,10 +51,10 @@ def check_restore_(weights, snapshots) -> None:
     """The input check of `restore_`. The weights must share one device; snapshots may live elsewhere."""
     op = "restore_"
     _checks.check(len(weights) == len(snapshots), op,
-                  f"got {len(weights)} weights but {len(snapshots)} snapshots")
+                  lambda: f"got {len(weights)} weights but {len(snapshots)} snapshots")
     for layer, (w, snap) in enumerate(zip(weights, snapshots)):
         _checks.check(w.shape == snap.shape and w.dtype == snap.dtype, op,
-                      f"layer {layer}: snapshot {_checks.shape(snap)} {snap.dtype} does not match weight "
+                      lambda: f"layer {layer}: snapshot {_checks.shape(snap)} {snap.dtype} does not match weight "
                       f"{_checks.shape(w)} {w.dtype}")
-        _checks.check(w.is_contiguous(), op, f"weights[{layer}] must be contiguous (it is updated in place)")
-    _checks.same_device(op, **{f"weights[{i}]": w for i, w in enumerate(weights)})
+        _checks.check(w.is_contiguous(), op, lambda: f"weights[{layer}] must be contiguous (it is updated in place)")
+    _checks.same_device(op, weights=weights)

@@ -81,9 +81,10 @@ def check_ridge_solve(keys, targets, log_ridge, form) -> str:
     op = "ridge_solve"
     _check_keys(op, keys, log_ridge)
     _checks.check(targets.dim() == 3 and targets.shape[:2] == keys.shape[:2], op,
-                  f"targets must be (L, n, d_out) with (L, n) = {tuple(keys.shape[:2])}, got {_checks.shape(targets)}")
+                  lambda: f"targets must be (L, n, d_out) with (L, n) = {tuple(keys.shape[:2])}, got "
+                          f"{_checks.shape(targets)}")
     _checks.check(targets.dtype == keys.dtype, op,
-                  f"targets must have the keys' dtype {keys.dtype}, got {targets.dtype}")
+                  lambda: f"targets must have the keys' dtype {keys.dtype}, got {targets.dtype}")
     _checks.same_device(op, keys=keys, targets=targets, log_ridge=log_ridge)
     return choose_form(keys.shape[1], keys.shape[2], form)
 
@@ -96,18 +97,20 @@ def check_ridge_solve_backward(grad_solution, keys, solution, log_ridge, form) -
     n_layers, n, d_in = keys.shape
     rows = n if form == "dual" else d_in
     _checks.check(solution.dim() == 3 and solution.shape[:2] == (n_layers, rows), op,
-                  f"solution must be ({n_layers}, {rows}, d_out) for the {form} form, got {_checks.shape(solution)}")
+                  lambda: f"solution must be ({n_layers}, {rows}, d_out) for the {form} form, got "
+                          f"{_checks.shape(solution)}")
     _checks.check(grad_solution.shape == solution.shape, op,
-                  f"grad_solution must match solution ({_checks.shape(solution)}), got {_checks.shape(grad_solution)}")
+                  lambda: f"grad_solution must match solution ({_checks.shape(solution)}), got "
+                          f"{_checks.shape(grad_solution)}")
     _checks.dtype(op, (keys.dtype,), solution=solution, grad_solution=grad_solution)
     _checks.same_device(op, grad_solution=grad_solution, keys=keys, solution=solution, log_ridge=log_ridge)
     return form
 
 
 def _check_keys(op, keys, log_ridge):
-    _checks.check(keys.dim() == 3, op, f"keys must be (layers, n, d_in), got {_checks.shape(keys)}")
+    _checks.check(keys.dim() == 3, op, lambda: f"keys must be (layers, n, d_in), got {_checks.shape(keys)}")
     _checks.check(log_ridge.shape == (keys.shape[0],), op,
-                  f"log_ridge must be ({keys.shape[0]},), got ({_checks.shape(log_ridge)})")
+                  lambda: f"log_ridge must be ({keys.shape[0]},), got ({_checks.shape(log_ridge)})")
     _checks.dtype(op, (torch.float32, torch.float64), keys=keys, log_ridge=log_ridge)
 
 

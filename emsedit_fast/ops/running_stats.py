@@ -44,16 +44,16 @@ _ROW_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 def _check_rows(op, keys, value_grads, mean, std):
     _checks.check(keys.dim() == 2 and value_grads.dim() == 2, op,
-                  f"keys and value_grads must be 2-D (rows x features), got {_checks.shape(keys)} and "
+                  lambda: f"keys and value_grads must be 2-D (rows x features), got {_checks.shape(keys)} and "
                   f"{_checks.shape(value_grads)}")
     _checks.check(keys.shape[0] == value_grads.shape[0], op,
-                  f"keys and value_grads must have the same number of rows, got {keys.shape[0]} and "
+                  lambda: f"keys and value_grads must have the same number of rows, got {keys.shape[0]} and "
                   f"{value_grads.shape[0]}")
     _checks.dtype(op, _ROW_DTYPES, keys=keys, value_grads=value_grads)
     d = keys.shape[1] + value_grads.shape[1]
     for name, t in (("mean", mean), ("std", std)):
         _checks.check(t.shape == (d,), op,
-                      f"statistics must have shape ({d},) = d_in + d_out, got {name} ({_checks.shape(t)})")
+                      lambda: f"statistics must have shape ({d},) = d_in + d_out, got {name} ({_checks.shape(t)})")
     _checks.dtype(op, (torch.float32,), mean=mean, std=std)
 
 
@@ -63,9 +63,9 @@ def check_running_stats_update_(count, mean, var, std, keys, value_grads) -> Non
     _check_rows(op, keys, value_grads, mean, std)
     _checks.check(keys.shape[0] >= 1, op, "needs at least one row")
     _checks.check(count.dtype == torch.float64 and count.shape == (1,), op,
-                  f"count must be a (1,) float64 tensor, got ({_checks.shape(count)}) {count.dtype}")
+                  lambda: f"count must be a (1,) float64 tensor, got ({_checks.shape(count)}) {count.dtype}")
     _checks.check(var.shape == mean.shape and var.dtype == torch.float32, op,
-                  f"var must be ({mean.shape[0]},) fp32, got ({_checks.shape(var)}) {var.dtype}")
+                  lambda: f"var must be ({mean.shape[0]},) fp32, got ({_checks.shape(var)}) {var.dtype}")
     _checks.contiguous(op, count=count, mean=mean, var=var, std=std)
     _checks.same_device(op, count=count, mean=mean, var=var, std=std, keys=keys, value_grads=value_grads)
 

@@ -63,20 +63,20 @@ _BACKWARD = {
 def check_value_targets(keys, z, eta, idx, grad_targets=None, grad_coeffs=None, op: str = "value_targets") -> None:
     """The input check of `value_targets` (and, with the gradients, of `value_targets_backward`)."""
     _checks.check(keys.dim() == 2 and z.dim() == 2 and keys.shape[0] == z.shape[0], op,
-                  f"keys (rows, d_in) and z (rows, D) must have the same rows, got {_checks.shape(keys)} and "
+                  lambda: f"keys (rows, d_in) and z (rows, D) must have the same rows, got {_checks.shape(keys)} and "
                   f"{_checks.shape(z)}")
     n, d_in = keys.shape
-    _checks.check(z.shape[1] > d_in, op, f"z has D={z.shape[1]} columns, not more than d_in={d_in}")
-    _checks.check(eta.dim() == 1, op, f"eta must be (layers,), got {_checks.shape(eta)}")
+    _checks.check(z.shape[1] > d_in, op, lambda: f"z has D={z.shape[1]} columns, not more than d_in={d_in}")
+    _checks.check(eta.dim() == 1, op, lambda: f"eta must be (layers,), got {_checks.shape(eta)}")
     _checks.index(op, idx, n)
     if op == "value_targets_backward":
         d_out = z.shape[1] - d_in
         _checks.check(grad_targets is not None, op, "grad_targets must be given")
         _checks.check(grad_targets.shape == (n, d_out), op,
-                      f"grad_targets must be ({n}, {d_out}), got ({_checks.shape(grad_targets)})")
+                      lambda: f"grad_targets must be ({n}, {d_out}), got ({_checks.shape(grad_targets)})")
         if grad_coeffs is not None:
             _checks.check(grad_coeffs.shape == (n,), op,
-                          f"grad_coeffs must be ({n},) or None, got ({_checks.shape(grad_coeffs)})")
+                          lambda: f"grad_coeffs must be ({n},) or None, got ({_checks.shape(grad_coeffs)})")
     _checks.dtype(op, (torch.float32,), keys=keys, z=z, eta=eta, grad_targets=grad_targets, grad_coeffs=grad_coeffs)
     _checks.same_device(op, keys=keys, z=z, eta=eta, idx=idx, grad_targets=grad_targets, grad_coeffs=grad_coeffs)
 
