@@ -44,7 +44,7 @@ def text_ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[
 
 def ngram_entropy(texts: Iterable[str], ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3),
                   tokenize: Callable[[str], list[str]] | None = None) -> float:
-    """Fluency (ROME, METHOD.md 16.4): `text_ngram_entropy` averaged over texts (NaN for no texts). Degenerate,
+    """Fluency (ROME): `text_ngram_entropy` averaged over texts (NaN for no texts). Degenerate,
     repetitive generations score low."""
     scores = [text_ngram_entropy(t, ns, weights, tokenize) for t in texts]
     return sum(scores) / len(scores) if scores else float("nan")

@@ -1,4 +1,4 @@
-"""Answer-position losses (METHOD.md §3.4, §3.5, §4 step 1, §9).
+"""Answer-position losses (docs/method.md, Capture and Training losses).
 
 Labels are pre-shifted: the logits at position t predict `labels[t]`, and no further shift happens here. The answer
 positions are 𝒫 = {(i, t) : labels[i, t] ≠ IGN} with IGN = −100; row i of the batch belongs to micro-batch
@@ -11,7 +11,7 @@ Reductions of a per-position loss ℓ_t:
 
 Both are written as L = Σ_t w_t ℓ_t with w_t = 1/|𝒫_{mb(t)}| or 1/|𝒫|. Because distinct sequences never interact
 in a causal LM, the per-position gradients of Σ_b mean_b over one pass equal those of separate micro-batch passes
-(§18.3 F8). All log-softmaxes run in fp32 whatever the logits dtype, and only on the selected positions, so a
+All log-softmaxes run in fp32 whatever the logits dtype, and only on the selected positions, so a
 (B, T, V) fp32 copy of the logits is never made.
 """
 
@@ -60,7 +60,7 @@ def position_weights(rows: torch.Tensor, micro_batch: torch.Tensor | None,
 
 def answer_ce(logits: torch.Tensor, labels: torch.Tensor, micro_batch: torch.Tensor | None = None,
               reduction: Reduction = "sum_of_microbatch_means") -> torch.Tensor:
-    """Cross-entropy of the answer tokens, reduced per micro-batch (METHOD §4 step 1, §9.1).
+    """Cross-entropy of the answer tokens, reduced per micro-batch.
 
         ℓ_t = −log softmax(logits_t)[labels_t]   (fp32),   L = Σ_t w_t ℓ_t   (see `position_weights`)
 
@@ -84,7 +84,7 @@ def answer_kl(ref_logits: torch.Tensor, logits: torch.Tensor, mask_labels: torch
               micro_batch: torch.Tensor | None = None, positions: Literal["answer", "all"] = "answer",
               attention_mask: torch.Tensor | None = None,
               reduction: Reduction = "sum_of_microbatch_means") -> torch.Tensor:
-    """Locality KL(p_ref ‖ p) over the full vocabulary, reduced per micro-batch (METHOD §9.3).
+    """Locality KL(p_ref ‖ p) over the full vocabulary, reduced per micro-batch.
 
         ℓ_t = Σ_v p_ref(v|t) (log p_ref(v|t) − log p(v|t)),  p = softmax(logits_t), p_ref = softmax(ref_logits_t),
         L = Σ_t w_t ℓ_t   over t ∈ 𝒫 (positions="answer": mask_labels ≠ IGN)

@@ -71,7 +71,7 @@ def token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def token_agreement(logits: torch.Tensor, ref_argmax: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """LS-agree: agree_b = (1/L_b) sum_i [argmax logits[b, t_i] == ref_argmax[b, t_i]] (METHOD.md 16.1).
+    """LS-agree: agree_b = (1/L_b) sum_i [argmax logits[b, t_i] == ref_argmax[b, t_i]].
 
     ref_argmax: (B, T) int64, the pre-edit model's argmax at the same teacher-forced positions (`answer_argmax`);
     only its values on the answer positions of `labels` are read. Returns (B,) float32, NaN for rows without answers.
@@ -82,7 +82,7 @@ def token_agreement(logits: torch.Tensor, ref_argmax: torch.Tensor, labels: torc
 
 def margin_success(logits: torch.Tensor, labels: torch.Tensor, foil_labels: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """CounterFact new-vs-old margin (METHOD.md 16.2), per row.
+    """CounterFact new-vs-old margin, per row.
 
     The target a is teacher-forced; the foil f lies on the same positions (`foil_labels`, -100 beyond min(L, L_f)).
     Scored positions: i = 1..min(L, L_f) with a_i != f_i (a shared token cannot be won). Position i succeeds if
@@ -201,13 +201,13 @@ def _run_pass(model: torch.nn.Module, batch: TokenBatch, device: torch.device, w
 
 
 def _progress(total: int, progress: bool | None, desc: str) -> Any:
-    # progress None -> disable=None: tqdm switches the bar off when output is not a terminal (DESIGN.md 8.4).
+    # progress None -> disable=None: tqdm switches the bar off when output is not a terminal.
     return tqdm(total=total, desc=desc, disable=None if progress is None else not progress, leave=False)
 
 
 @dataclass
 class PreEditPredictions:
-    """The unedited model's argmax on every locality tuple, for LS-agree (METHOD.md 16.1).
+    """The unedited model's argmax on every locality tuple, for LS-agree.
 
     tuples: the locality tuples of `record_tuples(records, "unrel")`, in that order. argmax: for each tuple, (L,) int64
     (CPU) top-1 tokens at its teacher-forced answer positions. case_ids: the records they came from, in order.
@@ -285,7 +285,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, records: Sequence[EditRecor
              pre_edit: PreEditPredictions | None = None, batch_size: int = 32, max_length: int = 128,
              cf_reduction: str = "pooled", cf_score: str = "margin", progress: bool | None = None,
              device: torch.device | str | None = None) -> EvalResult:
-    """ES / GS / LS (and LS-agree, portability) of `model` on `records`, in percent (METHOD.md 16).
+    """ES / GS / LS (and LS-agree, portability) of `model` on `records`, in percent (docs/method.md, Evaluation).
 
     All records must share one metric family (`EditRecord.metric_family`):
 

@@ -32,7 +32,8 @@ class RunningStats(nn.Module):
         ops.running_stats_update_(self.count, self.mean, self.var, self.std, keys, value_grads, backend=backend)
 
     def scale(self) -> torch.Tensor:
-        """The std used to normalise: std, clamped from below by std_floor when set (METHOD.md 5, 'Caution')."""
+        """The std used to normalise: std, clamped from below by std_floor when set (docs/method.md, Running
+        normaliser)."""
         return self.std.clamp_min(self.std_floor) if self.std_floor > 0 else self.std
 
 

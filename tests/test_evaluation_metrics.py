@@ -1,4 +1,4 @@
-"""Evaluation metrics (METHOD.md 16) against hand-computed values, and the evaluator end to end.
+"""Evaluation metrics against hand-computed values, and the evaluator end to end.
 
 The exact evaluator checks use a bigram "model" (logits at t depend only on the token at t, read from a hand-set
 table) and a word-level tokenizer, so every ES / GS / LS value can be worked out by hand. A tiny random LLaMA checks

@@ -1,6 +1,6 @@
 """Edit journal: bit-exact replay and revert (fp32, bf16, Linear and Conv1D), crash safety, edit files, backends.
 
-METHOD.md 7.6: a revert restores bytes, never subtracts. The journal's rebuild (base snapshot + active edits' factors
+A revert restores bytes, never subtracts. The journal's rebuild (base snapshot + active edits' factors
 in order, on the recorded backend) must reproduce the live session's weights exactly (torch.equal).
 """
 

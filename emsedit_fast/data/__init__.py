@@ -1,4 +1,4 @@
-"""Edit records, loaders, splits, the bundled fact set and tokenisation (METHOD.md section 3).
+"""Edit records, loaders, splits, the bundled fact set and tokenisation.
 
 `datasets` is imported only by the `datasets.Dataset` views (it costs about a second), and `transformers` never: the
 tokenizer is whatever object the caller passes.

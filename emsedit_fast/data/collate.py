@@ -1,4 +1,4 @@
-"""Tokenisation, label masks and micro-batches (METHOD.md 3.3 to 3.5).
+"""Tokenisation, label masks and micro-batches (docs/method.md, Capture).
 
 For a tuple (prompt, answer[, foil]):
 
@@ -9,7 +9,7 @@ For a tuple (prompt, answer[, foil]):
 
 so the answer positions are P = {len(p) - 1, ..., len(p) + len(a) - 2}. A foil f (CounterFact) is tokenised like the
 answer and laid on the same positions, `foil_labels = [-100] * (len(p) - 1) + f[:len(a)]`: only positions i <=
-min(len(a), len(f)) can be compared, since the input is teacher-forced with the answer (METHOD.md 16.2).
+min(len(a), len(f)) can be compared, since the input is teacher-forced with the answer (docs/method.md, Evaluation).
 
 `collate` stably sorts the tuples by token length, cuts them into micro-batches of `micro_batch` tuples (the unit of
 loss normalisation), and right-pads: pad_token_id (0 if the tokenizer has none) in the inputs, -100 in the labels,
@@ -122,7 +122,7 @@ def _check_pair(prompt: str, answer: str, p: list[int], a: list[int], max_length
 
 
 def tokenize_pair(tokenizer: Any, prompt: str, answer: str, max_length: int = 128) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of one tuple as plain lists, per METHOD.md 3.4 (see the module docstring)."""
+    """(input_ids, labels) of one tuple as plain lists (see the module docstring)."""
     p = _tokens(tokenizer, [prompt], True)[0]
     a = _tokens(tokenizer, [" " + answer], False)[0]
     _check_pair(prompt, answer, p, a, max_length)
@@ -195,7 +195,7 @@ def collate(tokenizer: Any, pairs: Sequence[tuple], micro_batch: int = 4, max_le
 
 def record_tuples(records: Sequence[EditRecord], which: str, *, first_only: bool = False
                   ) -> tuple[list[tuple[str, ...]], list[int]]:
-    """Tuples of one kind (METHOD.md 3.3) for `records`, and for each tuple the index of its record.
+    """Tuples of one kind for `records`, and for each tuple the index of its record.
 
     which: "edit" (prompt, target_new), "equiv" (each rephrase, target_new), "unrel" (each locality prompt, its answer)
     or "portability" (each two-hop prompt, its answer). Margin records (kind "counterfact") add the foil:

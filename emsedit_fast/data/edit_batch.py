@@ -1,4 +1,4 @@
-"""An edit batch tokenised into the three views the editors and the trainer use (METHOD.md 3.3-3.5).
+"""An edit batch tokenised into the three views the editors and the trainer use.
 
     edit   (prompt, target_new)                    caching passes (what the editor edits)
     equiv  (first rephrase, target_new)            the meta-training edit loss

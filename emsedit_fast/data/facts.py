@@ -6,7 +6,7 @@ plus each author's native language for two-hop probes. Empty cells mark facts le
 official languages, transcontinental countries). Together they give 437 true facts over six relations.
 
 `make_counterfacts` turns every fact (relation r, subject s, true object o) into one CounterFact-style record of kind
-"counterfact" (scored by the new-vs-old margin, METHOD.md 16.2):
+"counterfact" (scored by the new-vs-old margin, docs/method.md, Evaluation):
 
 - target_new o': another object of the same relation, drawn uniformly from the relation's other values; ground_truth o.
 - prompt: one of the relation's templates; rephrase_prompts: the other templates (3 per relation). The edit prompt

@@ -1,4 +1,4 @@
-"""Seeded train/evaluation splits and edit batches (METHOD.md 3.2).
+"""Seeded train/evaluation splits and edit batches (docs/method.md, Evaluation).
 
 The permutation comes from `random.Random(seed)`, whose shuffle is stable across Python versions and independent
 of torch, numpy and PYTHONHASHSEED, so a recorded (seed, n_train) reproduces a split anywhere.
@@ -16,7 +16,7 @@ from emsedit_fast.data.schemas import EditRecord
 
 logger = logging.getLogger(__name__)
 
-ZSRE_N_TRAIN = 600  # METHOD.md 3.2: first 600 of the seeded permutation train, the rest (198) evaluate
+ZSRE_N_TRAIN = 600  # first 600 of the seeded permutation train, the rest (198) evaluate
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def batches(records: Sequence[EditRecord], n_edits: int, n_batches: int | None =
     """Consecutive batches of `n_edits` records, without replacement, in the given order (shuffle with the split).
 
     n_batches: T, the number of batches; None takes as many full batches as fit. The last incomplete batch is
-    dropped (METHOD.md 3.2). Raises ValueError if T x n_edits exceeds the number of records.
+    dropped. Raises ValueError if T x n_edits exceeds the number of records.
     """
     if n_edits < 1:
         raise ValueError(f"batches: n_edits must be >= 1, got {n_edits}")

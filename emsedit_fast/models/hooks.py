@@ -1,4 +1,4 @@
-"""Caching pass: keys u and value-gradients δ of the edited modules (METHOD.md §4, §18.3 F6–F8, §18.4).
+"""Caching pass: keys u and value-gradients δ of the edited modules (docs/method.md, Capture and Meta-gradient).
 
 For a module ℓ with input u_t and output v_t = W_ℓ u_t at position t, and any loss L,
 
@@ -14,7 +14,7 @@ afterwards, also on errors), and a forward hook turns each edited module's outpu
 does not already require grad, so autograd's graph starts at the lowest edited module and backward stops there. δ is
 obtained with `torch.autograd.grad(L, [edited module outputs])`; nothing is written to any `.grad`.
 
-`factored_weight_grads` is the meta-training variant (§18.4): for an arbitrary loss of the logits it returns the
+`factored_weight_grads` is the meta-training variant: for an arbitrary loss of the logits it returns the
 inputs X' and output-gradients Δ' at every selected (default: non-pad) position, so that G_ℓ = Δ'ᵀ X' (d_out × d_in)
 without ever forming it. It returns FACTORS; `FactoredGrads.dense` builds the dense G when a caller really needs it.
 
@@ -66,7 +66,7 @@ class Capture:
     token_mode: str
 
     def stack(self, group: ShapeGroup) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rows of every module of a shape group, module after module (§18.3 F2).
+        """Rows of every module of a shape group, module after module.
 
         Returns U (m·n, d_in), Δ (m·n, d_out) in the cache dtype, and idx (m·n,) int64 with idx = i_ℓ (the module's
         index within the group) for each row. Copies once (torch.cat).
@@ -157,7 +157,7 @@ class _Tap:
             self.calls[em.name] += 1
             if self.calls[em.name] > 1:
                 raise RuntimeError(f"edited module {em.name!r} was called {self.calls[em.name]} times in one forward; "
-                                   f"capture needs exactly one call per module per forward (METHOD §4)")
+                                   f"capture needs exactly one call per module per forward")
             x = args[0] if args else next(iter(kwargs.values()))
             self.inputs[em.name] = self.gather(x, em.d_in, "input", em.name)
             if not output.requires_grad:
@@ -342,7 +342,7 @@ def capture(model: nn.Module, modules: Sequence[EditedModule], input_ids: torch.
             token_mode: TokenMode = "answer", reduction: Reduction = "sum_of_microbatch_means", *,
             dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
             pin_memory: bool = False) -> Capture:
-    """Caching pass of METHOD §4: keys U_ℓ and value-gradients Δ_ℓ of every edited module, one forward + backward.
+    """Caching pass: keys U_ℓ and value-gradients Δ_ℓ of every edited module, one forward + backward.
 
         L_cache = Σ_b (1/|𝒫_b|) Σ_{t∈𝒫_b} −log softmax(logits_t)[labels_t]   (fp32; `reduction="mean"`: 1/|𝒫|)
         U_ℓ[j] = u_{t_j},  Δ_ℓ[j] = ∂L_cache/∂v_{t_j}   for the selected positions t_j in (batch row, position) order
@@ -353,7 +353,7 @@ def capture(model: nn.Module, modules: Sequence[EditedModule], input_ids: torch.
     micro_batch: (B,) integer micro-batch id per row (None: one micro-batch). token_mode: "answer" caches the answer
     positions (labels ≠ −100), "all" every non-pad position (attention_mask ≠ 0); the loss is L_cache in both modes, so
     with "all" Σ_j δ_j u_jᵀ is the full weight gradient of L_cache.
-    dtype: cache dtype (fp32 default; the model dtype is allowed, §4 step 5). device: cache device (default: where
+    dtype: cache dtype (fp32 default; the model dtype is allowed). device: cache device (default: where
     each module's activations live); pin_memory: pinned host buffers when caching device activations on the CPU.
     Mutates nothing visible: requires_grad flags are restored, no `.grad` is written, hooks are removed, and the
     model's train/eval mode is left as the caller set it.
@@ -385,7 +385,7 @@ def factored_weight_grads(model: nn.Module, modules: Sequence[EditedModule], inp
                           positions: torch.Tensor | None = None, *, dtype: torch.dtype = torch.float32,
                           device: torch.device | str | None = None,
                           logit_positions: torch.Tensor | None = None) -> FactoredGrads:
-    """Meta-loss pass (§18.4): inputs X' and output-gradients Δ' of the edited modules, G_ℓ = Δ'ᵀ X' in factored form.
+    """Meta-loss pass: inputs X' and output-gradients Δ' of the edited modules, G_ℓ = Δ'ᵀ X' in factored form.
 
         L = loss_fn(logits),   X'_ℓ[j] = u_{t_j},   Δ'_ℓ[j] = ∂L/∂v_{t_j},   ∂L/∂W_ℓ = Σ_j Δ'_ℓ[j]ᵀ X'_ℓ[j]  (exact)
 

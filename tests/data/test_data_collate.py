@@ -1,4 +1,4 @@
-"""Tokenisation (METHOD.md 3.4), micro-batching and padding (3.5), tuple builders (3.3)."""
+"""Tokenisation, micro-batching and padding, tuple builders."""
 
 from __future__ import annotations
 

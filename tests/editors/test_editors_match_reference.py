@@ -1,4 +1,4 @@
-"""Fast vs reference on tiny models: the engine, not just the ops (DESIGN.md 6.4).
+"""Fast vs reference on tiny models: the engine, not just the ops.
 
 For every editor, on a tiny GPT-2 (Conv1D) and a tiny LLaMA (Linear): identical seeds, once with backend="reference"
 (per-layer hypernetwork calls, primal LU solve, dense delta) and once with backend="fast" (compiled kernels, which

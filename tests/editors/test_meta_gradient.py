@@ -1,5 +1,6 @@
 """End-to-end meta-gradient: the decoupled chain rule (capture -> hypernetwork -> aggregation -> edited model -> loss,
-METHOD.md 8) gives dL/deta equal to central finite differences of the meta-loss through a real edit."""
+docs/method.md, Meta-gradient) gives dL/deta equal to central finite differences of the meta-loss through a real
+edit."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Module resolution, layouts, shape groups, default module lists and fingerprints (METHOD.md §2, §14.3–14.4)."""
+"""Module resolution, layouts, shape groups, default module lists and fingerprints."""
 
 import re
 
@@ -142,7 +142,7 @@ def test_published_module_lists():
         p = default_module_patterns(llama3, regime)
         assert [_layers(x) for x in p] == [list(range(11, 16)), list(range(18, 25))]
         assert [_suffix(x) for x in p] == [".mlp.gate_proj", ".mlp.up_proj"]
-    smol = LlamaConfig(num_hidden_layers=30, hidden_size=576, intermediate_size=1536)  # §14.4
+    smol = LlamaConfig(num_hidden_layers=30, hidden_size=576, intermediate_size=1536)
     p = default_module_patterns(smol)
     assert [_layers(x) for x in p] == [list(range(10, 15)), list(range(17, 23))]
     gptj = GPTJConfig(n_layer=28, n_embd=4096)

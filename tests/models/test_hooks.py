@@ -1,4 +1,4 @@
-"""Caching pass and factored meta-gradients on tiny GPT-2 (Conv1D) and LLaMA (Linear) (METHOD.md §4, §19 items 6–7)."""
+"""Caching pass and factored meta-gradients on tiny GPT-2 (Conv1D) and LLaMA (Linear)."""
 
 from types import SimpleNamespace
 
@@ -39,7 +39,7 @@ def _build(arch):
 
 
 def make_batch(pairs, micro_batch_size=2, tok=None):
-    """METHOD §3.4–3.5 tokenisation: input_ids = p ⊕ a[:-1], labels = IGN·(|p|-1) ⊕ a, right padding."""
+    """Tokenisation: input_ids = p ⊕ a[:-1], labels = IGN·(|p|-1) ⊕ a, right padding."""
     tok = tok or tiny_tokenizer()
     ids, labs = [], []
     for prompt, answer in pairs:

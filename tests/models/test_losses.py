@@ -1,4 +1,4 @@
-"""Answer-position CE and KL against hand computations (METHOD.md §3.5, §9)."""
+"""Answer-position CE and KL against hand computations."""
 
 import math
 

@@ -53,7 +53,7 @@ def test_smollm2_greedy_continuation(smol):
 @pytest.mark.slow
 def test_smollm2_profile_modules_and_capture(smol):
     model, tok = smol
-    modules = resolve_modules(model, default_module_patterns(model))  # METHOD §14.4
+    modules = resolve_modules(model, default_module_patterns(model))
     assert [m.name for m in modules] == ([f"model.layers.{i}.mlp.gate_proj" for i in range(10, 15)]
                                          + [f"model.layers.{i}.mlp.up_proj" for i in range(17, 23)])
     groups = group_by_shape(modules)
