@@ -37,6 +37,50 @@ class RunningStats(nn.Module):
         return self.std.clamp_min(self.std_floor) if self.std_floor > 0 else self.std
 
 
+# Merging normaliser states that diverged from a common base (data-parallel training: every rank updates its own copy
+# with its own rows, then the copies are merged as if one normaliser had seen every row). The same algebra as the
+# batch merge of ops.running_stats_update_, written in moments about the base mean so the per-rank terms can be summed
+# by one all-reduce.
+STATS_FIELDS = ("count", "mean", "var", "std")
+
+
+def new_rows_moments(base: dict, cur: dict) -> torch.Tensor:
+    """[m, P (D), Q (D)] fp64: rows added since `base`, as moments about base's mean.
+
+    P = sum over new rows of (x - mu0) = N1 (mu1 - mu0);  Q = sum (x - mu0)^2 = N1 (v1 + (mu1 - mu0)^2) - N0 v0."""
+    n0, n1 = base["count"].double(), cur["count"].double()
+    mu0, v0 = base["mean"].double(), base["var"].double()
+    d = cur["mean"].double() - mu0
+    p = n1 * d
+    q = n1 * (cur["var"].double() + d * d) - n0 * v0
+    return torch.cat([n1 - n0, p, q])
+
+
+def finish_merge(base: dict, moments: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Statistics of base's rows plus rows with summed moments [m, P, Q] (see `new_rows_moments`)."""
+    dim = base["mean"].shape[0]
+    m, p, q = moments[0], moments[1:1 + dim], moments[1 + dim:]
+    n0 = base["count"].double()[0]
+    n = n0 + m
+    mu0, v0 = base["mean"].double(), base["var"].double()
+    shift = p / n
+    m2 = (n0 * v0 + q - n * shift * shift).clamp_min(0)
+    return {"count": n.reshape(1).to(base["count"].dtype), "mean": (mu0 + shift).float(),
+            "var": (m2 / max(float(n), 1.0)).float(), "std": torch.sqrt(m2 / (n - 1.0 + 1e-8)).float()}
+
+
+def merge_running_stats(base: dict[str, torch.Tensor], states: list[dict[str, torch.Tensor]]
+                        ) -> dict[str, torch.Tensor]:
+    """One normaliser's statistics after every state in `states` (each = `base` updated with its own rows) is merged:
+    count, mean, population var and sample std of base's rows plus all new rows. fp64 inside; count fp64, rest fp32.
+    If no state added rows, `base` is returned unchanged."""
+    total = sum(new_rows_moments(base, s) for s in states)
+    if float(total[0]) == 0:
+        return {f: base[f].clone() for f in STATS_FIELDS}
+    return finish_merge(base, total)
+
+
+
 class HyperNet(nn.Module):
     """g_phi for one shape group: z0 = (x - mu) / (sigma + eps); z_b = z_{b-1} + h_b(z_{b-1}); output z_B.
 

@@ -15,10 +15,10 @@ number of optimiser steps). The global batch of one optimiser step is W local ed
   predict_deltas). They are merged at the same points: each rank contributes the rows it added since the last
   synchronisation as moments about the last synchronised mean (count m_r, first moment P_r, second moment Q_r, fp64),
   the sums are all-reduced, and every rank sets count, mean, var, std to those of (old rows + all ranks' new rows),
-  exactly as if one normaliser had seen every row (Chan et al.'s parallel merge; `merge_running_stats`). Between two
-  synchronisations a rank's forward sees the synchronised statistics plus its own batch's rows, not the other ranks'
-  rows of the same step. The single-process equivalent is therefore gradient accumulation over the W batches of a
-  step with the statistics reset to the synchronised ones before each batch and merged after; tests/test_distributed
+  exactly as if one normaliser had seen every row (Chan et al.'s parallel merge;
+  `emsedit_fast.nn.merge_running_stats`). Between two synchronisations a rank's forward sees the synchronised
+  statistics plus its own batch's rows, not the other ranks' rows of the same step. The single-process equivalent is
+  therefore gradient accumulation over the W batches of a step with the statistics reset to the synchronised ones before each batch and merged after; tests/test_distributed
   checks that a 2-process run matches it (to ~1e-6: the statistics agree exactly, parameters up to the last bits
   that BLAS kernels may round differently in different processes).
 * Regimes: batch mode (Algorithm 2) resets the model after every step and is exactly data parallel. In the sequential
@@ -45,12 +45,14 @@ import torch
 import torch.distributed as dist
 
 from emsedit_fast.editors import EditRefused
+from emsedit_fast.nn import STATS_FIELDS
 from emsedit_fast.nn import RunningStats
+from emsedit_fast.nn import finish_merge
+from emsedit_fast.nn import new_rows_moments
 from emsedit_fast.trainer import MetaTrainer
 
 log = logging.getLogger("emsedit_fast.distributed")
 
-STATS_FIELDS = ("count", "mean", "var", "std")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -64,42 +66,6 @@ def stats_modules(editor) -> list[RunningStats]:
 
 def stats_state(editor) -> list[dict[str, torch.Tensor]]:
     return [{f: getattr(s, f).detach().clone() for f in STATS_FIELDS} for s in stats_modules(editor)]
-
-
-def _new_rows_moments(base: dict, cur: dict) -> torch.Tensor:
-    """[m, P (D), Q (D)] fp64: rows added since `base`, as moments about base's mean.
-
-    P = sum over new rows of (x - mu0) = N1 (mu1 - mu0);  Q = sum (x - mu0)^2 = N1 (v1 + (mu1 - mu0)^2) - N0 v0."""
-    n0, n1 = base["count"].double(), cur["count"].double()
-    mu0, v0 = base["mean"].double(), base["var"].double()
-    d = cur["mean"].double() - mu0
-    p = n1 * d
-    q = n1 * (cur["var"].double() + d * d) - n0 * v0
-    return torch.cat([n1 - n0, p, q])
-
-
-def _finish(base: dict, moments: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Statistics of base's rows plus rows with summed moments [m, P, Q] (see `_new_rows_moments`)."""
-    dim = base["mean"].shape[0]
-    m, p, q = moments[0], moments[1:1 + dim], moments[1 + dim:]
-    n0 = base["count"].double()[0]
-    n = n0 + m
-    mu0, v0 = base["mean"].double(), base["var"].double()
-    shift = p / n
-    m2 = (n0 * v0 + q - n * shift * shift).clamp_min(0)
-    return {"count": n.reshape(1).to(base["count"].dtype), "mean": (mu0 + shift).float(),
-            "var": (m2 / max(float(n), 1.0)).float(), "std": torch.sqrt(m2 / (n - 1.0 + 1e-8)).float()}
-
-
-def merge_running_stats(base: dict[str, torch.Tensor], states: list[dict[str, torch.Tensor]]
-                        ) -> dict[str, torch.Tensor]:
-    """One normaliser's statistics after every state in `states` (each = `base` updated with its own rows) is merged:
-    count, mean, population var and sample std of base's rows plus all new rows. fp64 inside; count fp64, rest fp32.
-    If no state added rows, `base` is returned unchanged."""
-    total = sum(_new_rows_moments(base, s) for s in states)
-    if float(total[0]) == 0:
-        return {f: base[f].clone() for f in STATS_FIELDS}
-    return _finish(base, total)
 
 
 def load_stats_(editor, states: list[dict[str, torch.Tensor]]) -> None:
@@ -167,7 +133,7 @@ class GradientSync:
         present = torch.tensor([float(p.grad is not None) * weight for p in params] + [weight], dtype=torch.float64,
                                device=device)
         stats = stats_state(editor)
-        moments = [_new_rows_moments(b, s).to(device) for b, s in zip(self.synced, stats)]
+        moments = [new_rows_moments(b, s).to(device) for b, s in zip(self.synced, stats)]
         meta = torch.cat([present] + moments)
         dist.all_reduce(flat, group=self.group)
         dist.all_reduce(meta, group=self.group)
@@ -179,7 +145,7 @@ class GradientSync:
             total = meta[offset:offset + width].cpu()
             offset += width
             merged.append({f: base[f].clone() for f in STATS_FIELDS} if float(total[0]) == 0
-                          else _finish(base, total))
+                          else finish_merge(base, total))
         load_stats_(editor, merged)
         self.synced = stats_state(editor)
         if count == 0:

@@ -22,9 +22,9 @@ from emsedit_fast import ops
 from emsedit_fast.checkpoint import load_config
 from emsedit_fast.editors import EditRefused
 from emsedit_fast.nn import RunningStats
+from emsedit_fast.nn import merge_running_stats
 from emsedit_fast.parallel import DataParallelTrainer
 from emsedit_fast.parallel import load_stats_
-from emsedit_fast.parallel import merge_running_stats
 from emsedit_fast.parallel import stats_state
 from emsedit_fast.trainer import MetaTrainer
 
