@@ -18,9 +18,10 @@ number of optimiser steps). The global batch of one optimiser step is W local ed
   exactly as if one normaliser had seen every row (Chan et al.'s parallel merge;
   `emsedit_fast.nn.merge_running_stats`). Between two synchronisations a rank's forward sees the synchronised
   statistics plus its own batch's rows, not the other ranks' rows of the same step. The single-process equivalent is
-  therefore gradient accumulation over the W batches of a step with the statistics reset to the synchronised ones before each batch and merged after; tests/test_distributed
-  checks that a 2-process run matches it (to ~1e-6: the statistics agree exactly, parameters up to the last bits
-  that BLAS kernels may round differently in different processes).
+  therefore gradient accumulation over the W batches of a step with the statistics reset to the synchronised ones
+  before each batch and merged after; tests/test_distributed checks that a 2-process run matches it (to ~1e-6: the
+  statistics agree exactly, parameters up to the last bits that BLAS kernels may round differently in different
+  processes).
 * Regimes: batch mode (Algorithm 2) resets the model after every step and is exactly data parallel. In the sequential
   mode (Algorithm 1) each rank edits its own model through its own batches (W independent lifelong streams whose
   gradients are averaged): a valid data-parallel scheme, but not the same as one stream over all batches.
