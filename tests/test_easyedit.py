@@ -1,8 +1,8 @@
 """The EasyEdit-style API (emsedit_fast.easyedit, emsedit_fast.easyedit_hparams) on tiny-llama.
 
-The example of docs/easyedit.md runs as written (in a folder holding the paths it names); the metrics have EasyEdit's
-layout and equal a hand computation of teacher-forced token accuracy and agreement with the unedited model;
-sequential_edit=False isolates every request and leaves the model bit-identical, sequential_edit=True keeps the
+The EasyEdit examples of the README and docs/easyedit.md run as written (in a folder holding the paths they name);
+the metrics have EasyEdit's layout and equal a hand computation of teacher-forced token accuracy and agreement with
+the unedited model; sequential_edit=False isolates every request and leaves the model bit-identical, sequential_edit=True keeps the
 edits; the hyperparameter reader maps what means the same thing and refuses the rest by name.
 """
 
@@ -24,7 +24,9 @@ from emsedit_fast.easyedit import summarize
 from emsedit_fast.models.tiny import tiny_llama
 from emsedit_fast.models.tiny import tiny_tokenizer
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "easyedit.md"
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "easyedit.md"
+README = ROOT / "README.md"
 MARK = "<!-- runs in tests/test_easyedit.py -->"
 
 PROMPTS = ["The capital of France is", "The mother tongue of Danielle Darrieux is", "Albert Einstein was born in"]
@@ -75,8 +77,9 @@ def _weights(editor):
 
 
 def _doc_blocks():
+    """The marked blocks of the README's EasyEdit section, then those of docs/easyedit.md, in order."""
     blocks = []
-    for part in DOC.read_text().split(MARK)[1:]:
+    for part in README.read_text().split(MARK)[1:] + DOC.read_text().split(MARK)[1:]:
         found = re.match(r"\s*```(\w+)\n(.*?)\n```", part, re.S)
         assert found, "a marked example must be followed by a fenced block"
         blocks.append((found.group(1), found.group(2)))
@@ -102,8 +105,8 @@ def test_docs_example_runs_as_written(tmp_path, monkeypatch):
     save_checkpoint("runs/my-llama/checkpoint", session.editor, cfg)
 
     first, second = {}, {}
-    exec(compile(blocks[0][1], f"{DOC}:example-1", "exec"), first)
-    exec(compile(blocks[2][1], f"{DOC}:example-2", "exec"), second)
+    exec(compile(blocks[0][1], f"{README}:easyedit-example", "exec"), first)
+    exec(compile(blocks[2][1], f"{DOC}:example", "exec"), second)
 
     metrics, summary = first["metrics"], first["summarize"](first["metrics"])
     assert len(metrics) == 2 and [m["case_id"] for m in metrics] == [0, 1]
