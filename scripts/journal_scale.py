@@ -40,8 +40,9 @@ def main() -> None:
         results, refused = api.edit(session, facts, n_edits=args.n_edits, measure=False, progress=False)
         journal = session.journal
         ids = journal.active_ids()
+        seconds, mib = time.perf_counter() - t, journal.disk_bytes() / 2**20
         print(f"{len(results)} edit batches of {args.n_edits} ({args.edits} facts) on {args.model}: "
-              f"{time.perf_counter() - t:.1f} s, {len(refused)} refused; journal {journal.disk_bytes() / 2**20:.1f} MiB")
+              f"{seconds:.1f} s, {len(refused)} refused; journal {mib:.1f} MiB")
 
         def timed_revert(edit_id: int, what: str) -> None:
             t0 = time.perf_counter()

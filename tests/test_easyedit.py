@@ -3,7 +3,8 @@
 The EasyEdit examples of the README and docs/easyedit.md run as written (in a folder holding the paths they name);
 the metrics have EasyEdit's layout and equal a hand computation of teacher-forced token accuracy and agreement with
 the unedited model; sequential_edit=False isolates every request and leaves the model bit-identical,
-sequential_edit=True keeps the edits; the hyperparameter reader maps what means the same thing and refuses the rest by name.
+sequential_edit=True keeps the edits; the hyperparameter reader maps what means the same thing and refuses the rest
+by name.
 """
 
 import math
