@@ -285,7 +285,7 @@ def run_engine_bench(benchmark, name: str, case_id: str, provider: str, device: 
 def editor_config(provider: str, *, rank: int, solve_form: str | None = None, small_model: bool = True,
                   overrides: tuple[str, ...] = (), extra: dict | None = None):
     """EMSEdit, sequential regime, K = 2, rank r, the provider's backend (engine_backend). small_model: the
-    small-model profile (eta 1e-3 learned as log eta, Adam 1e-4, drift penalty 0.002) without its key prior, else
+    small-model profile (eta 1e-3 learned as log eta, Adam 1e-4, drift penalty 0.01) without its key prior, else
     the 7B-scale preset (eta 1e-6). solve_form None: the engine's own choice (the reference backend solves primal,
     as published)."""
     from emsedit_fast.config import load

@@ -60,7 +60,8 @@ def _run(args) -> int:
     os.makedirs(args.output, exist_ok=True)
     progress = False if args.no_progress else None
     grid = expand_grid(args.grid)
-    model, tokenizer, device = api.load_model(base)
+    device = api.resolve_device(base.model.device)
+    models: dict = {}  # one loaded model per distinct model config of the grid (tuning.run_point)
     valid = api.load_split(base, "valid")
     train_records = api.load_split(base, "train") if args.train else None
     per = (base.data.eval_batches if base.train.mode == "sequential" else 1) * base.data.n_edits
@@ -73,7 +74,7 @@ def _run(args) -> int:
     for i, overrides in enumerate(grid, 1):
         log.info("point %d/%d: %s", i, len(grid), " ".join(overrides) or "(profile defaults)")
         points.append(run_point(base, list(args.set) + overrides, plan.defaults, train=args.train, valid=valid,
-                                n_slices=args.slices, model=model, tokenizer=tokenizer,
+                                n_slices=args.slices, models=models,
                                 train_records=train_records, progress=progress))
         points[-1].overrides = overrides
         pareto_front(points)

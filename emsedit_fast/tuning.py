@@ -67,12 +67,20 @@ def pareto_front(points: list[SweepPoint], keys: tuple[str, ...] = ("es", "gs", 
 
 
 def run_point(base: RunConfig, overrides: list[str], defaults: dict, *, train: bool, valid, n_slices: int,
-              model, tokenizer, train_records=None, progress: bool | None = False) -> SweepPoint:
-    """Build (and optionally meta-train) one editor and score it on the validation records."""
+              models: dict, train_records=None, progress: bool | None = False) -> SweepPoint:
+    """Build (and optionally meta-train) one editor and score it on the validation records.
+
+    models: {ModelConfig: (model, tokenizer)}, shared by the points of a sweep; a point whose overrides change the
+    model section (its dtype, edited modules, edited_dtype, ...) gets its own freshly loaded model, so no point runs
+    on a model another point's settings shaped."""
     from emsedit_fast import api
     from emsedit_fast.comparison import method_config
 
     cfg = method_config(base, _method_of(base), overrides, defaults)
+    if cfg.model not in models:
+        model, tokenizer, _ = api.load_model(cfg)
+        models[cfg.model] = (model, tokenizer)
+    model, tokenizer = models[cfg.model]
     torch.manual_seed(cfg.seed)
     session = api.open_session(cfg, model=model, tokenizer=tokenizer)
     point = SweepPoint(list(overrides))
