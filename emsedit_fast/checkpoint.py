@@ -279,11 +279,12 @@ def load_editor_state(path: str, editor, trainer=None, strict_weights: bool = Tr
     own = editor.state_dict()
     if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
         odd = sorted(set(state) ^ set(own))
-        what = (f"tensor {odd[0]!r} is only in the {'checkpoint' if odd[0] in state else 'editor'}" if odd else
-                next(f"{k}: checkpoint {tuple(state[k].shape)}, editor {tuple(own[k].shape)}" for k in own
-                     if state[k].shape != own[k].shape))
+        what = [f"tensor {k!r} is only in the {'checkpoint' if k in state else 'editor'}" for k in odd[:1]]
+        what += [f"{k}: checkpoint ({', '.join(map(str, state[k].shape))}), editor "
+                 f"({', '.join(map(str, own[k].shape))})" for k in own
+                 if k in state and state[k].shape != own[k].shape][:1]
         raise CheckpointError(f"{path}: hypernetwork shapes do not match this editor configuration (editor.rank, "
-                              f"n_blocks, n_steps or edited modules differ; {what})")
+                              f"n_blocks, eta_param, n_steps or edited modules differ; {'; '.join(what)})")
     editor.load_state_dict({k: v.to(own[k].device) for k, v in state.items()})
     if trainer is not None:
         file = os.path.join(path, "trainer_state.pt")
