@@ -53,6 +53,7 @@ def _run(args) -> int:
     from emsedit_fast.comparison import parse_methods
     from emsedit_fast.profiles import resolve_run
     from emsedit_fast.report import results_table
+    from emsedit_fast.report import show_table
     from emsedit_fast.report import write_json
 
     methods = parse_methods(args.methods)
@@ -82,12 +83,9 @@ def _run(args) -> int:
              f"chosen on {plan.valid_label}), eval {plan.eval_label}: {base.train.mode} "
              f"{base.data.eval_batches if base.train.mode == 'sequential' else 1} x {base.data.n_edits} edits, "
              f"{slices} slice(s), seed {base.seed}, device {device} ({torch.get_num_threads()} threads)")
-    table = results_table(rows, title)
-    print("\n" + table + "\n")
+    show_table(results_table(rows, title), os.path.join(args.output, "results.md"))
     write_json(os.path.join(args.output, "results.json"), {"rows": rows, "args": vars(args), "profile": plan.name,
                                                             "title": title})
-    with open(os.path.join(args.output, "results.md"), "w") as f:
-        f.write(table + "\n")
     return 0
 
 

@@ -40,6 +40,15 @@ def results_table(rows: list[tuple[str, dict]], title: str) -> str:
     return "\n".join(lines)
 
 
+def show_table(table: str, path: str) -> str:
+    """Print a results table between blank lines and write it, newline-terminated, to `path` (results.md,
+    sweep.md); returns the table."""
+    print("\n" + table + "\n")
+    with open(path, "w") as f:
+        f.write(table + "\n")
+    return table
+
+
 def _json_ready(value: Any) -> Any:
     """NaN and infinities become null (a metric with nothing to score is NaN; bare NaN is not JSON), other
     non-JSON values their str()."""

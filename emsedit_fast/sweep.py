@@ -49,6 +49,7 @@ def _run(args) -> int:
 
     from emsedit_fast import api
     from emsedit_fast.profiles import resolve_run
+    from emsedit_fast.report import show_table
     from emsedit_fast.report import write_json
     from emsedit_fast.tuning import expand_grid
     from emsedit_fast.tuning import pareto_front
@@ -80,10 +81,7 @@ def _run(args) -> int:
         pareto_front(points)
         write_json(os.path.join(args.output, "sweep.json"),
                    {"title": title, "args": vars(args), "points": [dataclasses.asdict(p) for p in points]})
-    table = pareto_table(points, title)
-    print("\n" + table + "\n")
-    with open(os.path.join(args.output, "sweep.md"), "w") as f:
-        f.write(table + "\n")
+    show_table(pareto_table(points, title), os.path.join(args.output, "sweep.md"))
     return 0
 
 

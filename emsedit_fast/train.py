@@ -66,6 +66,7 @@ def _run(args) -> int:
     from emsedit_fast.profiles import resolve_run
     from emsedit_fast.report import plot_learning_curve
     from emsedit_fast.report import results_table
+    from emsedit_fast.report import show_table
     from emsedit_fast.report import write_json
     from emsedit_fast.trainer import MetaTrainer
 
@@ -132,11 +133,8 @@ def _run(args) -> int:
                      f"{cfg.train.mode} {t if cfg.train.mode == 'sequential' else 1} x {n_edits} edits), every editor "
                      f"trained on {plan.train_label} for {trainer.report.steps} batches, profile {plan.name} "
                      f"(chosen on {plan.valid_label}), seed {cfg.seed}, device {session.device}")
-            table = results_table(rows, title)
-            print("\n" + table + "\n")
+            show_table(results_table(rows, title), os.path.join(cfg.output, "results.md"))
             results["eval"] = {name: m for name, m in rows}
-            with open(os.path.join(cfg.output, "results.md"), "w") as f:
-                f.write(table + "\n")
         results["total_seconds"] = time.perf_counter() - start
         write_json(os.path.join(cfg.output, "results.json"), results)
     return 0
