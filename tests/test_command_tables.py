@@ -8,12 +8,17 @@ TINY = ["--model", "tiny-llama", "--device", "cpu", "--no-progress", "--n-edits"
         "--set", "editor.rank=8"]
 
 
+def _rows(table: str) -> list[str]:
+    """The first cell of every row of a Markdown table, header included."""
+    return [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+
+
 def test_train_writes_the_table_it_prints(tmp_path, capsys):
     out = tmp_path / "run"
     assert train.main(TINY + ["--n-batches", "2", "--baselines", "emsedit1", "--output", str(out)]) == 0
     table = (out / "results.md").read_text()
     assert table.strip() in capsys.readouterr().out
-    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    rows = _rows(table)
     assert rows == ["method", "unedited", "untrained", "emsedit K=2 (trained)", "EMSEdit (K=1)"]
     assert (out / "results.json").is_file() and (out / "checkpoint").is_dir()
 
@@ -23,5 +28,5 @@ def test_compare_writes_the_table_it_prints(tmp_path, capsys):
     assert compare.main(TINY + ["--methods", "emsedit,ultraedit", "--n-batches", "2", "--output", str(out)]) == 0
     table = (out / "results.md").read_text()
     assert table.strip() in capsys.readouterr().out
-    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    rows = _rows(table)
     assert rows[:2] == ["method", "unedited"] and len(rows) == 5  # unedited, untrained, EMSEdit, UltraEdit
