@@ -15,6 +15,7 @@ def collect() -> dict:
 
     from emsedit_fast import _ext
     from emsedit_fast.ops import OPS_BY_STEM
+    from emsedit_fast.ops._dispatch import CPP_ATEN_PATHS
     from emsedit_fast.ops._dispatch import availability
     from emsedit_fast.ops._dispatch import interpreting
     from emsedit_fast.version import __version__
@@ -43,6 +44,7 @@ def collect() -> dict:
         "backends": backends,
         "ops": {dev: {op: _op_support(stem, op, dev, backends[dev]) for stem, names in OPS_BY_STEM.items()
                       for op in names} for dev in devices},
+        "cpp_aten_paths": {f"{dev} {op}": what for (dev, op), what in CPP_ATEN_PATHS.items() if dev in devices},
     }
 
 
@@ -111,6 +113,9 @@ def format_report(info: dict) -> str:
         for op, support in table.items():
             cells = [f"{b}: {'ok' if why is None else why}" for b, why in support.items()]
             lines.append(f"  {op:24s} " + "; ".join(cells))
+    if info.get("cpp_aten_paths"):
+        lines += ["", "where the cpp backend runs ATen (the fused kernel lost to it):"]
+        lines += [f"  {where:28s} {what}" for where, what in info["cpp_aten_paths"].items()]
     return "\n".join(lines)
 
 

@@ -25,18 +25,36 @@ log = logging.getLogger(__name__)
 SCORES = ("es", "gs", "ls", "ls_gold", "ls_agree")
 
 
+def _split_top(text: str, sep: str) -> list[str]:
+    """Split on `sep` outside [...] brackets and quotes, so a YAML list value ("['a|b', c]") stays one value."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+            continue
+        if ch in "'\"":
+            quote = ch
+        depth += (ch == "[") - (ch == "]")
+        if ch == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
+
+
 def expand_grid(axes: list[str]) -> list[list[str]]:
     """['editor.eta_init=1e-3,3e-3', 'train.reg_coef=0,0.01'] -> every combination as override lists (axes varied
-    jointly: the cartesian product, in the order given). An axis `a=1|b=2,a=3|b=4` varies keys together."""
+    jointly: the cartesian product, in the order given). An axis `a=1|b=2,a=3|b=4` varies keys together. Commas and
+    bars inside [...] or quotes belong to one YAML value: `model.modules=[a,b],[c]` has two values."""
     options = []
     for axis in axes:
         if "=" not in axis:
             raise ValueError(f"grid axis {axis!r} must look like key=value1,value2 (or k1=v|k2=w,...)")
-        if "|" in axis:  # joint values: a=1|b=2,a=3|b=4
-            options.append([part.split("|") for part in axis.split(",")])
+        if len(_split_top(axis, "|")) > 1:  # joint values: a=1|b=2,a=3|b=4
+            options.append([_split_top(part, "|") for part in _split_top(axis, ",")])
         else:
             key, values = axis.split("=", 1)
-            options.append([[f"{key}={v}"] for v in values.split(",") if v != ""])
+            options.append([[f"{key}={v}"] for v in _split_top(values, ",") if v != ""])
     for overrides in (o for opt in options for group in opt for o in group):
         parse_override(overrides)  # validate syntax early, with the config loader's message
     return [[o for group in combo for o in group] for combo in itertools.product(*options)] if options else [[]]

@@ -47,6 +47,9 @@ def test_info_lists_every_backend_with_a_reason():
     for name in ("reference", "cpp", "triton"):
         assert f"cpu   {name}" in out.stdout
     assert "C++ extension:" in out.stdout and "Triton:" in out.stdout
+    # the ops whose CPU work the cpp backend hands to ATen are named, with what runs
+    assert "where the cpp backend runs ATen" in out.stdout
+    assert "cpu restore_" in out.stdout and "torch._foreach_copy_" in out.stdout
 
 
 def test_no_code_imports_the_top_level_kernels_package():

@@ -16,6 +16,14 @@ def test_expand_grid_is_the_cartesian_product_with_joint_axes():
     assert expand_grid(["a.x=1,2", "b.y=3"]) == [["a.x=1", "b.y=3"], ["a.x=2", "b.y=3"]]
     assert expand_grid(["a.x=1|b.y=2,a.x=3|b.y=4"]) == [["a.x=1", "b.y=2"], ["a.x=3", "b.y=4"]]
     assert expand_grid([]) == [[]]
+    # a YAML list is one value: its commas and regex bars do not split the axis
+    assert expand_grid(["m.modules=[a|b,c],[d]", "e.r=1,2"]) == [
+        ["m.modules=[a|b,c]", "e.r=1"], ["m.modules=[a|b,c]", "e.r=2"],
+        ["m.modules=[d]", "e.r=1"], ["m.modules=[d]", "e.r=2"]]
+    assert expand_grid(["m.modules=['x.(1|2)', 'y.[3-4]'],[d]"]) == [["m.modules=['x.(1|2)', 'y.[3-4]']"],
+                                                                    ["m.modules=[d]"]]
+    assert expand_grid(["m.modules=[a,b]|e.r=1,m.modules=[c]|e.r=2"]) == [
+        ["m.modules=[a,b]", "e.r=1"], ["m.modules=[c]", "e.r=2"]]
     with pytest.raises(ValueError, match="must look like key=value1,value2"):
         expand_grid(["novalues"])
 

@@ -12,9 +12,14 @@
 // Here W is cut into tiles of kTileRows x kTileCols; one parallel region runs over the tiles of ALL layers, and each
 // thread computes its tile of X^T Y with one BLAS call into a small thread-local fp32 buffer (L2-resident) and adds
 // it into W with one rounding. W is read once and written once (4 B per bf16 element); the extra memory is one tile
-// per thread. fp32 weights skip the buffer: the GEMM accumulates straight into W (beta = 1) over whole layers (or
-// row slices of them). The reduction over n happens inside one single-threaded GEMM per tile: no split-n, no
-// atomics, so replay with the same inputs is exact.
+// per thread. The reduction over n happens inside one single-threaded GEMM per tile: no split-n, no atomics, so
+// replay with the same inputs is exact.
+//
+// fp32 weights need no buffer and no rounding: the update is one GEMM accumulating into W (beta = 1), which is
+// exactly `W.addmm_(X^T, Y, alpha)`, and the op calls that, one layer at a time with ATen's own threading. Running the
+// same GEMMs as tiles of one parallel region (whole layers or row slices, single-threaded BLAS per tile) lost to it:
+// 0.75x on six GPT-2-XL Conv1D layers, 0.91x on eleven SmolLM2 layers (BENCHMARKS.md). The dense fp32 update is
+// likewise ATen's `W.add_(S or S^T, alpha)`. `python -m emsedit_fast.info` lists the CPU ops that hand work to ATen.
 
 #include <torch/extension.h>
 
@@ -37,18 +42,6 @@ using emsedit_fast::cpu::sgemm;
 // (Measured on Zen 4 for 12 x 1536 x 576, n = 64: tiles from 64 x 512 to 256 x 4096 are within 5% of each other.)
 constexpr int64_t kTileRows = 64;
 constexpr int64_t kTileCols = 1024;
-// fp32 weights need no buffer (the GEMM accumulates into W, one pass: what W.addmm_(M^T, K) does), and the BLAS
-// runs slower on short tiles: for a 14336 x 4096 weight and n = 90 on one core, 64 x 1024 tiles took 1.6 s against
-// 1.07 s for one addmm_. So an fp32 layer is one tile, cut into row slices only when there are fewer layers than
-// threads (`fp32_tile_rows`).
-
-// Rows per tile of an fp32 layer with R rows: the whole layer, or 1 / ceil(threads / L) of it (whole 64-row groups).
-int64_t fp32_tile_rows(int64_t R, int64_t n_layers) {
-  const int64_t threads = at::get_num_threads();
-  const int64_t parts = (threads + n_layers - 1) / std::max<int64_t>(n_layers, 1);
-  const int64_t rows = (R + parts - 1) / parts;
-  return std::max<int64_t>(64, (rows + 63) / 64 * 64);
-}
 // The dense transpose-add works on square blocks small enough for L1 (64 x 64 fp32 = 16 KiB).
 constexpr int64_t kBlock = 64;
 
@@ -137,14 +130,13 @@ void apply_deltas_cpu(at::TensorList weights, at::TensorList coeffs, at::TensorL
     const float* m = coeffs[l].data_ptr<float>();
     const float* k = keys[l].data_ptr<float>();
     dims[l] = {w.size(0), w.size(1)};
-    shape[l] = w.scalar_type() == at::kFloat
-                   ? std::make_pair(fp32_tile_rows(w.size(0), static_cast<int64_t>(L)), std::max<int64_t>(w.size(1), 1))
-                   : std::make_pair(kTileRows, kTileCols);
+    shape[l] = {kTileRows, kTileCols};
     xs[l] = transposed ? k : m;
     ys[l] = transposed ? m : k;
     ns[l] = coeffs[l].size(0);
-    // n = 0 adds nothing; the reference still round-trips W through fp32, which is the identity.
-    if (ns[l] == 0) {
+    // n = 0 adds nothing (the reference still round-trips W through fp32, which is the identity); fp32 layers are
+    // updated by ATen below, outside the tiles.
+    if (ns[l] == 0 || w.scalar_type() == at::kFloat) {
       dims[l] = {0, 0};
     }
     work += dims[l].first * dims[l].second * (ns[l] + 1);
@@ -163,12 +155,6 @@ void apply_deltas_cpu(at::TensorList weights, at::TensorList coeffs, at::TensorL
       const float* a = xs[tile.layer] + tile.r0;
       const float* b = ys[tile.layer] + tile.c0;
       const float alpha_l = scale[tile.layer];
-      if (w.scalar_type() == at::kFloat) {
-        // fp32 weights: the BLAS accumulates straight into W (beta = 1), still one pass over the tile.
-        float* wt = w.data_ptr<float>() + tile.r0 * C + tile.c0;
-        sgemm(true, false, tile.rows, tile.cols, n, alpha_l, a, R, b, C, 1.0f, wt, C);
-        continue;
-      }
       buf.resize(static_cast<size_t>(kTileRows * kTileCols));
       sgemm(true, false, tile.rows, tile.cols, n, 1.0f, a, R, b, C, 0.0f, buf.data(), tile.cols);
       AT_DISPATCH_REDUCED_FLOATING_TYPES(w.scalar_type(), "apply_deltas_cpu", [&] {
@@ -177,6 +163,14 @@ void apply_deltas_cpu(at::TensorList weights, at::TensorList coeffs, at::TensorL
       });
     }
   });
+  // fp32 layers: W (R, C) += alpha X^T Y, one GEMM per layer (Linear: M^T K; Conv1D: K^T M)
+  for (size_t l = 0; l < L; ++l) {
+    if (weights[l].scalar_type() == at::kFloat && ns[l] > 0) {
+      const at::Tensor& x = transposed ? keys[l] : coeffs[l];
+      const at::Tensor& y = transposed ? coeffs[l] : keys[l];
+      weights[l].addmm_(x.t(), y, /*beta=*/1.0, /*alpha=*/scale[l]);
+    }
+  }
 }
 
 void apply_deltas_dense_cpu(at::TensorList weights, at::TensorList shifts, const std::optional<at::Tensor>& alpha,
@@ -194,7 +188,10 @@ void apply_deltas_dense_cpu(at::TensorList weights, at::TensorList shifts, const
     const int64_t d_in = transposed ? w.size(0) : w.size(1);
     check_factor(shifts[l], "shifts", l, d_in, d_out, op);
     dims[l] = {w.size(0), w.size(1)};
-    work += w.numel();
+    if (w.scalar_type() == at::kFloat) {
+      dims[l] = {0, 0};  // updated by ATen below
+    }
+    work += dims[l].first * dims[l].second;
   }
 
   // Conv1D: W (d_in, d_out) and S (d_in, d_out) share a layout, so a tile is a plain row-wise add.
@@ -232,6 +229,11 @@ void apply_deltas_dense_cpu(at::TensorList weights, at::TensorList shifts, const
       });
     }
   });
+  for (size_t l = 0; l < L; ++l) {  // fp32 layers: W += alpha S (Conv1D) or alpha S^T (Linear)
+    if (weights[l].scalar_type() == at::kFloat) {
+      weights[l].add_(transposed ? shifts[l] : shifts[l].t(), scale[l]);
+    }
+  }
 }
 
 }  // namespace

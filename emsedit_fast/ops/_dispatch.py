@@ -45,6 +45,16 @@ ENV_VAR = "EMSEDIT_FAST_BACKEND"
 
 _PRIORITY = {"cuda": ("triton", "cpp", "reference"), "cpu": ("cpp", "reference")}
 
+# Where the C++ backend hands an op's work to ATen, because the hand-written kernel lost to the plain PyTorch a
+# competent engineer writes for the same algorithm (BENCHMARKS.md, "Fused vs competent PyTorch"). The op keeps its
+# checks, schema and fake kernel; `python -m emsedit_fast.info` prints these lines. {(device, op): what runs}
+CPP_ATEN_PATHS = {
+    ("cpu", "restore_"): "ATen's multi-tensor copy (torch._foreach_copy_): faster than a parallel memcpy here",
+    ("cpu", "apply_deltas_"): "fp32 weights: ATen W.addmm_(X^T, Y) per layer (bf16/fp16: the fused tiles, one "
+                              "rounding)",
+    ("cpu", "apply_deltas_dense_"): "fp32 weights: ATen W.add_(S^T) per layer (bf16/fp16: the fused blocks)",
+}
+
 
 def _cpp_unavailable() -> str | None:
     err = _ext.load_error()

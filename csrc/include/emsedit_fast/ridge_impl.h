@@ -68,20 +68,22 @@ inline at::Tensor gram(const at::Tensor& keys, const at::Tensor& beta, Form form
 // X = G^-1 rhs per layer for SPD G (L, m, m), rhs (L, m, k). `gram_f64(l)` rebuilds layer l's matrix in fp64 for the
 // retry. Returns X in rhs's dtype.
 //
-// With a wide right-hand side (k >= m, the usual case: n x n systems with d_out columns) X = (L L^T)^-1 rhs is formed
-// as G^-1 rhs with G^-1 = L^-T L^-1: L^-1 by one triangular solve against the identity (m^3 / 3 flops), G^-1 by one
-// batched GEMM (m^3), then one batched GEMM with rhs (2 m^2 k), which dominates and runs at full BLAS speed. The two
-// triangular solves of cholesky_solve do the same 2 m^2 k flops at a fraction of that speed (measured 2x slower at
-// m = 1024, k = 14336), and LAPACK's cholesky_inverse (potri) has many more synchronisation points: on shared,
-// oversubscribed cores it took 0.1 to 5 s for m = 1024 where this takes 0.15 s. The forward error is of the same
-// order as a solve's (cond(G) eps; the ridge bounds cond(G)). Narrow right-hand sides use cholesky_solve.
+// Two ways, chosen by the width of the right-hand side:
+// - k >= 8 m (a small system with many columns: n x n dual systems against d_out = 14336 columns): X = G^-1 rhs with
+//   G^-1 = L^-T L^-1: L^-1 by one triangular solve against the identity, G^-1 by one batched GEMM (2 m^3), then one
+//   batched GEMM with rhs (2 m^2 k), which dominates and runs at full BLAS speed, where the two triangular solves of
+//   cholesky_solve run the same 2 m^2 k flops at a fraction of it (one thread: 0.54 s vs 1.02 s at m = 1024,
+//   k = 14336). The explicit inverse is not backward stable: its error is about 3x a solve's (4.4e-5 vs 1.6e-5
+//   relative at that size), which the width pays for.
+// - otherwise cholesky_solve: at k / m = 3.5 (primal 4096 x 4096 against 14336 columns) it is both faster (10.9 s vs
+//   13.0 s) and 3x more accurate (3.2e-5 vs 9.8e-5) than the inverse, whose extra 2 m^3 no longer hides.
 inline at::Tensor solve_spd(const at::Tensor& g, const at::Tensor& rhs,
                             const std::function<at::Tensor(int64_t)>& gram_f64, const char* op) {
   auto [chol, info] = at::linalg_cholesky_ex(g, /*upper=*/false, /*check_errors=*/false);
   const at::Tensor failed = info.gt(0);  // (L,) layers with a non-positive pivot
   const bool any_failed = failed.any().item<bool>();
   at::Tensor x;
-  if (rhs.size(2) >= g.size(1)) {
+  if (rhs.size(2) >= 8 * g.size(1)) {
     const at::Tensor eye = at::eye(g.size(1), chol.options()).expand_as(chol);
     if (any_failed) {
       // a failed factor may hold zero or NaN pivots: give those layers the identity (they are redone below anyway)
