@@ -62,3 +62,33 @@ def test_round_trip_through_a_plain_dict():
     cfg = load("rledit", overrides=["model.modules=a.*,b.*"])
     assert cfg.model.modules == ("a.*", "b.*")
     assert build(RunConfig, to_dict(cfg)) == cfg
+
+
+def test_dataset_profile_edits_its_module_list_only_on_its_model(tmp_path):
+    """The zsRE profile's SmolLM2 module list applies to SmolLM2 runs that name no modules; another model keeps its
+    architecture's list, and the command line wins."""
+    import argparse
+    import json
+
+    from emsedit_fast.config import add_run_arguments
+    from emsedit_fast.profiles import SMOLLM2_LATE_MLP
+    from emsedit_fast.profiles import resolve_run
+
+    path = tmp_path / "zsre.json"
+    path.write_text(json.dumps([{"subject": f"s{i}", "src": f"What is q{i}?", "pred": "p", "rephrase": f"Say q{i}?",
+                                 "alt": f"a{i}", "answers": [f"g{i}"], "loc": f"nq question: where {i}",
+                                 "loc_ans": "l", "cond": "c"} for i in range(20)]))
+    parser = argparse.ArgumentParser()
+    add_run_arguments(parser)
+    parser.add_argument("--train-data")
+
+    def modules(*argv):
+        cfg, plan = resolve_run(parser.parse_args(["--train-data", str(path), *argv]))
+        assert plan.name == "small-zsre"
+        return cfg.model.modules
+
+    assert modules() == SMOLLM2_LATE_MLP and "smollm2-135m" in resolve_run(
+        parser.parse_args(["--train-data", str(path)]))[1].modules
+    assert modules("--model", "tiny-llama") == ()                     # another model: its architecture's list
+    assert modules("--set", "model.modules=[x\\.y]") == ("x\\.y",)     # the command line wins
+    assert modules("--set", "model.modules=[]") == ()                 # ... also asking for the architecture's list

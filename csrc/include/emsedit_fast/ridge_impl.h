@@ -68,23 +68,27 @@ inline at::Tensor gram(const at::Tensor& keys, const at::Tensor& beta, Form form
 // X = G^-1 rhs per layer for SPD G (L, m, m), rhs (L, m, k). `gram_f64(l)` rebuilds layer l's matrix in fp64 for the
 // retry. Returns X in rhs's dtype.
 //
-// Two ways, chosen by the width of the right-hand side:
-// - k >= 8 m (a small system with many columns: n x n dual systems against d_out = 14336 columns): X = G^-1 rhs with
-//   G^-1 = L^-T L^-1: L^-1 by one triangular solve against the identity, G^-1 by one batched GEMM (2 m^3), then one
-//   batched GEMM with rhs (2 m^2 k), which dominates and runs at full BLAS speed, where the two triangular solves of
-//   cholesky_solve run the same 2 m^2 k flops at a fraction of it (one thread: 0.54 s vs 1.02 s at m = 1024,
-//   k = 14336). The explicit inverse is not backward stable: its error is about 3x a solve's (4.4e-5 vs 1.6e-5
-//   relative at that size), which the width pays for.
-// - otherwise cholesky_solve: at k / m = 3.5 (primal 4096 x 4096 against 14336 columns) it is both faster (10.9 s vs
-//   13.0 s) and 3x more accurate (3.2e-5 vs 9.8e-5) than the inverse, whose extra 2 m^3 no longer hides.
+// Two ways, both from the Cholesky factor G = L L^T, chosen by the shape (one thread on this CPU, L layers):
+// - m <= 256 or k >= 8 m (small systems, or very wide right-hand sides: n x n dual systems against d_out = 14336):
+//   X = G^-1 rhs with G^-1 = L^-T L^-1, L^-1 by one triangular solve against the identity, G^-1 by one batched GEMM
+//   (2 m^3), then one batched GEMM with rhs (2 m^2 k) at full BLAS speed: 76 vs 128 ms at m = 256, k = 14336;
+//   89 vs 112 ms at m = 256, k = 1536 (11 layers); 0.96 vs 1.15 s at m = 1024, k = 14336. The explicit inverse is not
+//   backward stable (about 3x a solve's error: 4.4e-5 vs 1.6e-5 relative at m = 1024, k = 14336), which is small
+//   next to the gates' tolerance at these sizes.
+// - otherwise two triangular solves from the right on transposed views: X^T = (rhs^T L^-T) L^-1. rhs^T is a
+//   column-major view of the row-major rhs, which LAPACK's trsm takes as it is, and X^T comes back column-major, i.e.
+//   X row-major: no layout copies, where cholesky_solve copies rhs in and its column-major result out. Measured
+//   against cholesky_solve + the copy: 0.48 vs 0.74 s at m = 576, k = 1536 (11 layers), 16.6 vs 22.0 s at m = 4096,
+//   k = 14336; and against the inverse at that primal shape it is faster and 3x more accurate (3.2e-5 vs 9.8e-5).
 inline at::Tensor solve_spd(const at::Tensor& g, const at::Tensor& rhs,
                             const std::function<at::Tensor(int64_t)>& gram_f64, const char* op) {
   auto [chol, info] = at::linalg_cholesky_ex(g, /*upper=*/false, /*check_errors=*/false);
   const at::Tensor failed = info.gt(0);  // (L,) layers with a non-positive pivot
   const bool any_failed = failed.any().item<bool>();
   at::Tensor x;
-  if (rhs.size(2) >= 8 * g.size(1)) {
-    const at::Tensor eye = at::eye(g.size(1), chol.options()).expand_as(chol);
+  const int64_t m = g.size(1);
+  if (m <= 256 || rhs.size(2) >= 8 * m) {
+    const at::Tensor eye = at::eye(m, chol.options()).expand_as(chol);
     if (any_failed) {
       // a failed factor may hold zero or NaN pivots: give those layers the identity (they are redone below anyway)
       chol = at::where(failed.view({-1, 1, 1}), eye, chol);
@@ -92,8 +96,11 @@ inline at::Tensor solve_spd(const at::Tensor& g, const at::Tensor& rhs,
     const at::Tensor linv = at::linalg_solve_triangular(chol, eye, /*upper=*/false);  // L^-1 (L, m, m)
     x = at::bmm(at::bmm(linv.transpose(1, 2), linv), rhs);                             // (L, m, k)
   } else {
-    // LAPACK hands back a column-major batch: return the row-major layout the op (and its fake kernel) promise
-    x = at::cholesky_solve(rhs, chol, /*upper=*/false).contiguous();  // (L, m, k)
+    const at::Tensor yt = at::linalg_solve_triangular(chol.transpose(1, 2), rhs.transpose(1, 2), /*upper=*/true,
+                                                      /*left=*/false);  // rhs^T L^-T (L, k, m)
+    x = at::linalg_solve_triangular(chol, yt, /*upper=*/false, /*left=*/false).transpose(1, 2);  // (L, m, k)
+    // the row-major layout the op (and its fake kernel) promise; a no-op when LAPACK returned column-major X^T
+    x = x.contiguous();
   }
   // A layer also needs the fallback when a tiny positive pivot blew its solution up. One summing pass finds
   // non-finite values (NaN and inf propagate; a finite sum that overflows only costs a needless fp64 redo).
