@@ -18,8 +18,9 @@
 // fp32 weights need no buffer and no rounding: the update is one GEMM accumulating into W (beta = 1), which is
 // exactly `W.addmm_(X^T, Y, alpha)`, and the op calls that, one layer at a time with ATen's own threading. Running the
 // same GEMMs as tiles of one parallel region (whole layers or row slices, single-threaded BLAS per tile) lost to it:
-// 0.75x on six GPT-2-XL Conv1D layers, 0.91x on eleven SmolLM2 layers (BENCHMARKS.md). The dense fp32 update is
-// likewise ATen's `W.add_(S or S^T, alpha)`. `python -m emsedit_fast.info` lists the CPU ops that hand work to ATen.
+// 0.75x on six GPT-2-XL Conv1D layers, 0.91x on eleven SmolLM2 layers (full benchmark run before the change). The
+// dense fp32 update is likewise ATen's `W.add_(S or S^T, alpha)`. `python -m emsedit_fast.info` lists the CPU ops
+// that hand work to ATen.
 
 #include <torch/extension.h>
 
