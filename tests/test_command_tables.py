@@ -13,20 +13,22 @@ def _rows(table: str) -> list[str]:
     return [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "---" not in line]
 
 
-def test_train_writes_the_table_it_prints(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert train.main(TINY + ["--n-batches", "2", "--baselines", "emsedit1", "--output", str(out)]) == 0
+def _printed_rows(command, argv: list[str], out, capsys) -> list[str]:
+    """Run `command.main(TINY + argv --output out)`, check that the table it wrote is the one it printed, and return
+    that table's row names."""
+    assert command.main(TINY + argv + ["--output", str(out)]) == 0
     table = (out / "results.md").read_text()
     assert table.strip() in capsys.readouterr().out
-    rows = _rows(table)
+    return _rows(table)
+
+
+def test_train_writes_the_table_it_prints(tmp_path, capsys):
+    out = tmp_path / "run"
+    rows = _printed_rows(train, ["--n-batches", "2", "--baselines", "emsedit1"], out, capsys)
     assert rows == ["method", "unedited", "untrained", "emsedit K=2 (trained)", "EMSEdit (K=1)"]
     assert (out / "results.json").is_file() and (out / "checkpoint").is_dir()
 
 
 def test_compare_writes_the_table_it_prints(tmp_path, capsys):
-    out = tmp_path / "cmp"
-    assert compare.main(TINY + ["--methods", "emsedit,ultraedit", "--n-batches", "2", "--output", str(out)]) == 0
-    table = (out / "results.md").read_text()
-    assert table.strip() in capsys.readouterr().out
-    rows = _rows(table)
+    rows = _printed_rows(compare, ["--methods", "emsedit,ultraedit", "--n-batches", "2"], tmp_path / "cmp", capsys)
     assert rows[:2] == ["method", "unedited"] and len(rows) == 5  # unedited, untrained, EMSEdit, UltraEdit
