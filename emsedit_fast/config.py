@@ -113,6 +113,12 @@ class TrainConfig:
     # long as the evaluation protocol's (0: one sequence over all batches, as published)
     sequence_length: int = 0
     epochs: float = 0.0  # passes over the training split (0: train n_batches batches)
+    # sequential mode: also score this many earlier batches of the current sequence (drawn at random) at the current
+    # weights, with total weight retain_coef, so that a step learns not to overwrite the edits before it (the
+    # evaluation scores every edit after the last batch); 0: the current batch only, as published. Losses l2 and
+    # kl only (rledit_decay scores the last back_depth batches itself); the batch mode has no earlier edits in W.
+    retain_batches: int = 0
+    retain_coef: float = 1.0
     micro_batch: int = 4
     eval_every: float = 0.0  # validation during training: every N batches (N >= 1) or fraction of the run (< 1)
     prior_records: int = 300  # training records whose prompts estimate the key statistics (editor.key_prior)
@@ -121,6 +127,8 @@ class TrainConfig:
         _check(self.meta_lr > 0, "train.meta_lr", "must be > 0")
         _check(self.n_batches >= 1, "train.n_batches", "must be >= 1")
         _check(self.epochs >= 0, "train.epochs", "must be >= 0")
+        _check(self.retain_batches >= 0, "train.retain_batches", "must be >= 0")
+        _check(self.retain_coef >= 0, "train.retain_coef", "must be >= 0")
         _check(self.sequence_length >= 0, "train.sequence_length", "must be >= 0")
         _check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
         _check(self.prior_records >= 1, "train.prior_records", "must be >= 1")

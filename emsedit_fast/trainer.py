@@ -3,6 +3,8 @@
 Sequential, per training batch E_t (the model is never reset between batches):
     for k = 1..K:  capture on the current W; predict with phi_k; apply dW_k permanently
     L = loss(E_t; W) (+ c ||W - W0||^2, or KL, or RLEdit's decayed loss over the last B batches)
+        (+ retain_coef * mean_{s in R_t} CE(E_s; W): R_t = retain_batches earlier batches of the current sequence,
+        drawn at random, so that the step learns to keep the edits before it; off by default)
     G = dL/dW (factored); push G through every step's aggregation into phi_1..phi_K; clip; Adam step
         (every batch, or once at the end with seq_optimizer_step = once_at_end, the published schedule)
 Batch, per training step (one batch):
@@ -82,6 +84,7 @@ class MetaTrainer:
         self.recent = collections.deque(maxlen=cfg.back_depth if cfg.loss == "rledit_decay" else 1)
         # Called with the editor after each backward, before clipping: data-parallel training all-reduces here.
         self.reduce_grads = None
+        self._refused: set[int] = set()  # training batches skipped in this process (never retained: not applied)
 
     # ---------------------------------------------------------------------------------------------------------------
     # losses and weight gradients
@@ -217,11 +220,12 @@ class MetaTrainer:
                     if editor.mode == "sequential" and cfg.seq_optimizer_step == "once_at_end" else {})
             try:
                 if editor.mode == "sequential":
-                    loss = self._sequential_batch(tuples, ref, recent)
+                    loss = self._sequential_batch(tuples, ref, recent, self._retained(batches))
                 else:
                     loss = self._batch_step(tuples, ref)
             except EditRefused as err:
                 self.report.skipped += 1
+                self._refused.add(self.step)
                 log.warning("training batch %d skipped: %s", self.step + 1, err)
                 self.optimizer.zero_grad(set_to_none=True)
                 for p, g in kept.items():
@@ -247,7 +251,22 @@ class MetaTrainer:
         self.report.seconds += time.perf_counter() - start
         return self.report
 
-    def _sequential_batch(self, tuples, ref, recent) -> float:
+    def _retained(self, batches: list) -> list:
+        """The earlier batches of the current training sequence that this step's loss also scores (R_t): up to
+        train.retain_batches of them, uniformly without replacement, from a generator seeded by the step (a resumed
+        run draws the same ones)."""
+        cfg = self.cfg
+        if not cfg.retain_batches or not cfg.retain_coef:
+            return []
+        start = self.step - self.step % cfg.sequence_length if cfg.sequence_length else 0
+        earlier = [i for i in range(start, self.step) if i not in self._refused]
+        if len(earlier) > cfg.retain_batches:
+            gen = torch.Generator().manual_seed(1_000_003 * (self.step + 1))
+            pick = torch.randperm(len(earlier), generator=gen)[:cfg.retain_batches].sort().values
+            earlier = [earlier[i] for i in pick.tolist()]
+        return [batches[i] for i in earlier]
+
+    def _sequential_batch(self, tuples, ref, recent, retained=()) -> float:
         # A refused batch is skipped as a whole: the weights, normaliser statistics and recent batches go back to
         # where they were before it (its earlier steps stay out of the model, a non-finite batch out of the decayed
         # loss of the batches after it).
@@ -256,7 +275,7 @@ class MetaTrainer:
         stats = editor.normaliser_state()
         kept = list(recent)
         try:
-            return self._sequential_batch_steps(tuples, ref, recent)
+            return self._sequential_batch_steps(tuples, ref, recent, retained)
         except EditRefused:
             ops.restore_(editor.weights(), weights, backend=editor.backend)
             editor.load_normaliser_state(stats)
@@ -264,14 +283,15 @@ class MetaTrainer:
             recent.extend(kept)
             raise
 
-    def _sequential_batch_steps(self, tuples, ref, recent) -> float:
+    def _sequential_batch_steps(self, tuples, ref, recent, retained=()) -> float:
         cfg, editor = self.cfg, self.editor
         records = self._apply_steps(tuples, range(editor.cfg.n_steps))
         recent.appendleft((tuples, ref))
         if cfg.loss == "rledit_decay":  # L_t = sum_a decay^a [CE + loc KL](E_{t-a}; W_t)
             terms = [(cfg.time_decay ** a, tup, r) for a, (tup, r) in enumerate(recent)]
         else:
-            terms = [(1.0, tuples, ref)]
+            # the retained batches' edits are already in W: their CE at the current W is what this step may spoil
+            terms = [(1.0, tuples, ref)] + [(cfg.retain_coef / len(retained), tup, None) for tup in retained]
         loss, grads = self.weight_grads(terms)
         if not math.isfinite(loss):
             raise EditRefused(f"non-finite meta-loss {loss}")
