@@ -211,6 +211,23 @@ class EngineWork:
 
 
 EXPECTED = _harness.OneEntry()
+# workloads whose fused provider is also timed side by side with the competent engine (the kernel-gain target)
+PAIRED = ("edit_step_editor_work",)
+
+
+def _paired_with_competent(work: EngineWork, make: Callable[..., EngineWork], case, device: str, rounds: int
+                           ) -> dict[str, list[float]]:
+    """The fused engine and the competent engine on the same workload, timed side by side (_harness.paired_rounds)."""
+    competent = make(case, "competent", device)
+    try:
+        competent.reset()
+        competent.run()  # untimed first call, as the fused engine's gate call was
+        return _harness.paired_rounds({"self": (work.run, work.reset), "competent": (competent.run, competent.reset)},
+                                      rounds if _harness.SETTINGS.smoke else max(rounds, 3), device)
+    finally:
+        competent.close()
+        del competent
+        gc.collect()
 
 
 def run_engine_bench(benchmark, name: str, case_id: str, provider: str, device: str,
@@ -275,6 +292,8 @@ def run_engine_bench(benchmark, name: str, case_id: str, provider: str, device: 
                      "interpreted": provider == "triton" and device == "cpu", "rounds": rounds,
                      "phases_s": {k: v / rounds for k, v in work.clock.seconds.items()}})
         info.update(work.info())
+        if provider in _harness.KERNELS and name in PAIRED and not info["interpreted"]:
+            info["paired_s"] = _paired_with_competent(work, make, case, device, rounds)
         _harness.finish_info(benchmark, info)
     finally:
         work.close()

@@ -338,6 +338,48 @@ def timed(fn: Callable[[], Any], device: str) -> Callable[[], None]:
     return call
 
 
+def paired_rounds(calls: dict[str, tuple[Callable[[], Any], Callable[[], None] | None]], rounds: int,
+                  device: str) -> dict[str, list[float]]:
+    """Side-by-side timing: {name: seconds of each round} for calls {name: (fn, setup or None)}, the names taking
+    turns within every round and the order reversed every other round. Load that drifts over a run then falls on
+    every name alike, so the ratio of two medians compares the work itself (pytest-benchmark times one provider
+    after another, and on a shared machine identical work then reads up to +-30% apart)."""
+    import time
+
+    names = list(calls)
+    out = {name: [] for name in names}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            fn, setup = calls[name]
+            if setup is not None:
+                setup()
+            t0 = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            out[name].append(time.perf_counter() - t0)
+    return out
+
+
+def paired_with_competent(spec: OpSpec, case, x, fn: Callable[[], Any], rounds: int, device: str
+                          ) -> dict[str, list[float]] | None:
+    """The fused provider `fn` and the competent baseline timed side by side on the same inputs (None when the
+    competent provider cannot serve the case)."""
+    if skip_provider(spec.op, "competent", device, case) or spec.skip_reason(case, "competent", device):
+        return None
+    try:
+        competent = provider_callable(spec, x, "competent")
+    except NotImplementedError:
+        return None
+    reset = x.reset if spec.inplace else None
+    if reset is not None:
+        reset()
+    competent()  # its first call allocates what later calls reuse, as the fused provider's untimed gate call did
+    times = paired_rounds({"self": (fn, reset), "competent": (competent, reset)}, rounds, device)
+    x.reset()
+    return times
+
+
 def base_info(case, provider: str, device: str) -> dict[str, Any]:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {"case": str(case), "provider": provider, "device": device, "pid": os.getpid(), "smoke": SETTINGS.smoke,
@@ -412,7 +454,11 @@ def run_op_bench(benchmark, spec: OpSpec, case_id: str, provider: str, device: s
                  "first_call_s": seconds, "peak_bytes": peak,
                  "peak_method": _memory.MALLOC.method if device == "cpu" else "cuda_allocator",
                  "interpreted": provider == "triton" and device == "cpu", **spec.info(case, provider)})
+    rounds = choose_rounds(seconds)
     benchmark.pedantic(timed(fn, device), setup=x.reset if spec.inplace else None,
-                       rounds=choose_rounds(seconds), warmup_rounds=0, iterations=1)
+                       rounds=rounds, warmup_rounds=0, iterations=1)
     x.reset()
+    if provider in KERNELS and not info["interpreted"]:
+        info["paired_s"] = paired_with_competent(spec, case, x, fn, rounds if SETTINGS.smoke else max(rounds, 3),
+                                                 device)
     finish_info(benchmark, info)

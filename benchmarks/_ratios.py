@@ -9,6 +9,8 @@ Every ratio names its denominator; speedups are denominator / this provider (hig
     *_best            the same with the best (least disturbed) round of each
     mem_vs_reference, mem_vs_competent   peak(x) / peak(denominator)   (lower is better)
     x_floor           median(x) / median(floor)                the end-to-end multiple of the bare forward+backward
+    vs_competent_paired  median(competent) / median(x), both from rounds timed side by side (the two take turns
+                      within every round; _harness.paired_rounds): load drift falls on both alike
 
 A ratio exists only when its denominator ran in the same process on the same device; otherwise it is None (n/a).
 Runs that were not timed for real (Triton under the CPU interpreter) get no ratios.
@@ -37,13 +39,26 @@ def record_of(bench: dict) -> dict | None:
         return None
     return {"name": base_name(bench["name"]), "case": params["case"], "provider": params["provider"],
             "median": stats["median"], "min": stats.get("min", stats["median"]), "peak": info.get("peak_bytes"),
-            "device": info.get("device"), "pid": info.get("pid"), "timed": not info.get("interpreted", False)}
+            "device": info.get("device"), "pid": info.get("pid"), "timed": not info.get("interpreted", False),
+            "paired": info.get("paired_s")}
+
+
+def median(values: list[float]) -> float:
+    v = sorted(values)
+    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
 
 
 def _ratio(num, den):
     if num is None or den is None or den == 0:
         return None
     return num / den
+
+
+def _paired(r: dict) -> float | None:
+    p = r.get("paired") if r.get("timed") else None
+    if not p or not p.get("self") or not p.get("competent"):
+        return None
+    return _ratio(median(p["competent"]), median(p["self"]))
 
 
 def compute(records: list[dict]) -> dict[tuple[str, str], dict[str, dict[str, float | None]]]:
@@ -74,6 +89,7 @@ def compute(records: list[dict]) -> dict[tuple[str, str], dict[str, dict[str, fl
                 "mem_vs_reference": _ratio(r["peak"], ref and ref["peak"]),
                 "mem_vs_competent": _ratio(r["peak"], comp and comp["peak"]),
                 "x_floor": _ratio(r["median"], floor and floor["median"]),
+                "vs_competent_paired": _paired(r),
             }
     return out
 
