@@ -55,12 +55,17 @@ def _run(args) -> int:
     from emsedit_fast.tuning import pareto_front
     from emsedit_fast.tuning import pareto_table
     from emsedit_fast.tuning import run_point
+    from emsedit_fast.tuning import untrained_blind_keys
 
     base, plan = resolve_run(args)
     base = dataclasses.replace(base, output=args.output)
     os.makedirs(args.output, exist_ok=True)
     progress = False if args.no_progress else None
     grid = expand_grid(args.grid)
+    blind = [] if args.train else untrained_blind_keys(grid)
+    if blind:
+        log.warning("untrained editors do not read %s: points that differ only there score the same (add --train)",
+                    ", ".join(blind))
     device = api.resolve_device(base.model.device)
     models: dict = {}  # one loaded model per distinct model config of the grid (tuning.run_point)
     valid = api.load_split(base, "valid")

@@ -60,6 +60,17 @@ def expand_grid(axes: list[str]) -> list[list[str]]:
     return [[o for group in combo for o in group] for combo in itertools.product(*options)] if options else [[]]
 
 
+# Keys an untrained editor does not read: the hypernetwork blocks start at the identity whatever their rank, and the
+# training settings only act through training (train.prior_records still sets the key prior's estimate).
+_TRAINED_ONLY = ("editor.rank", "editor.step_rank")
+
+
+def untrained_blind_keys(grid: list[list[str]]) -> list[str]:
+    """The keys a grid varies that cannot change an untrained editor's scores (sweep without --train)."""
+    keys = sorted({o.split("=", 1)[0] for point in grid for o in point})
+    return [k for k in keys if k in _TRAINED_ONLY or (k.startswith("train.") and k != "train.prior_records")]
+
+
 @dataclass
 class SweepPoint:
     """One grid point: its overrides, the validation scores (means over slices, with spread) and the cost."""

@@ -10,6 +10,7 @@ from emsedit_fast import sweep
 from emsedit_fast.tuning import SweepPoint
 from emsedit_fast.tuning import expand_grid
 from emsedit_fast.tuning import pareto_front
+from emsedit_fast.tuning import untrained_blind_keys
 
 
 def test_expand_grid_is_the_cartesian_product_with_joint_axes():
@@ -26,6 +27,13 @@ def test_expand_grid_is_the_cartesian_product_with_joint_axes():
         ["m.modules=[a,b]", "e.r=1"], ["m.modules=[c]", "e.r=2"]]
     with pytest.raises(ValueError, match="must look like key=value1,value2"):
         expand_grid(["novalues"])
+
+
+def test_untrained_sweeps_name_the_keys_they_cannot_tell_apart():
+    grid = expand_grid(["editor.rank=128,256", "train.reg_coef=0,0.01", "train.prior_records=100,300",
+                        "editor.eta_init=1e-3"])
+    assert untrained_blind_keys(grid) == ["editor.rank", "train.reg_coef"]
+    assert untrained_blind_keys(expand_grid(["editor.key_prior=0,1000"])) == []
 
 
 def test_pareto_front_by_hand():
