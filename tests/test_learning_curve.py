@@ -1,0 +1,39 @@
+"""The learning curve of `train --eval-every`: validation points at the requested fractions, and validating never
+changes what training computes (the evaluation puts weights, normaliser statistics, key prior and history back)."""
+
+import torch
+
+from emsedit_fast import api
+from emsedit_fast.config import load
+
+
+def _train(every):
+    torch.manual_seed(0)
+    cfg = load("emsedit", mode="sequential", overrides=[
+        "model.name=tiny-llama", "editor.rank=8", "train.n_batches=6", f"train.eval_every={every}", "data.n_edits=3",
+        "data.eval_batches=2", "train.sequence_length=3", "editor.key_prior=100", "editor.edit_prior=1"])
+    session = api.open_session(cfg)
+    if not session.editor.prior.ready():
+        api.fit_key_prior(session)
+    trainer = api.train(session, progress=False)
+    state = {k: v.clone() for k, v in session.editor.state_dict().items()}
+    return trainer.report, state, [w.clone() for w in session.editor.weights()]
+
+
+def test_validation_points_land_at_the_requested_fractions():
+    report, _, _ = _train(0.5)
+    assert [p["step"] for p in report.curve] == [0, 3, 6]
+    assert [p["fraction"] for p in report.curve] == [0.0, 0.5, 1.0]
+    for p in report.curve:
+        assert all(0.0 <= p[k] <= 100.0 for k in ("es", "gs", "ls_agree"))
+    assert report.curve[1] != report.curve[0]  # training moved the editor between the points
+
+
+def test_validating_during_training_leaves_training_unchanged():
+    plain, plain_state, plain_weights = _train(0)
+    curved, curved_state, curved_weights = _train(0.5)
+    assert plain.curve == [] and len(curved.curve) == 3
+    assert plain.losses == curved.losses
+    assert plain_state.keys() == curved_state.keys()
+    assert all(torch.equal(plain_state[k], curved_state[k]) for k in plain_state)
+    assert all(torch.equal(a, b) for a, b in zip(plain_weights, curved_weights))
