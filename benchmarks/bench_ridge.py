@@ -30,6 +30,7 @@ import torch
 from emsedit_fast import ops
 from emsedit_fast import reference
 from emsedit_fast import testing
+from emsedit_fast.reference.ridge import lu_solve
 
 SWEEP_PRESETS = ("smollm2-135m", "smollm2-135m-down", "llama3-gate_up", "mistral7b-down")
 SWEEP_ROWS = (16, 64, 256, 1024, 4096, 8192)
@@ -56,7 +57,7 @@ def cholesky_ridge(keys, targets, log_ridge, form="auto"):
     gram = _system(keys, log_ridge, form)
     rhs = targets if form == "dual" else keys.transpose(1, 2) @ targets
     factor = _factor(gram)
-    return torch.linalg.solve(gram, rhs) if factor is None else torch.cholesky_solve(rhs, factor)
+    return lu_solve(gram, rhs) if factor is None else torch.cholesky_solve(rhs, factor)
 
 
 def cholesky_ridge_backward(grad_solution, keys, solution, log_ridge, form="auto"):
@@ -64,7 +65,7 @@ def cholesky_ridge_backward(grad_solution, keys, solution, log_ridge, form="auto
     form = ops.choose_form(keys.shape[1], keys.shape[2], form)
     gram = _system(keys, log_ridge, form)
     factor = _factor(gram)
-    y = torch.linalg.solve(gram, grad_solution) if factor is None else torch.cholesky_solve(grad_solution, factor)
+    y = lu_solve(gram, grad_solution) if factor is None else torch.cholesky_solve(grad_solution, factor)
     grad_log_ridge = -log_ridge.exp() * torch.linalg.vecdot(y.flatten(1), solution.flatten(1))
     return (y if form == "dual" else keys @ y), grad_log_ridge
 
