@@ -60,15 +60,20 @@ def expand_grid(axes: list[str]) -> list[list[str]]:
     return [[o for group in combo for o in group] for combo in itertools.product(*options)] if options else [[]]
 
 
-# Keys an untrained editor does not read: the hypernetwork blocks start at the identity whatever their rank, and the
-# training settings only act through training (train.prior_records still sets the key prior's estimate).
-_TRAINED_ONLY = ("editor.rank", "editor.step_rank")
+# Keys an untrained editor does not read: the hypernetwork blocks start at the identity whatever their rank, and
+# these training settings act only through training. (train.mode, micro_batch, loss_reduction and prior_records also
+# shape the evaluation or the key prior, so they are not listed.)
+_TRAINED_ONLY = frozenset({
+    "editor.rank", "editor.step_rank", "train.loss", "train.edit_coef", "train.loc_coef", "train.reg_coef",
+    "train.shift_reg", "train.back_depth", "train.time_decay", "train.kl_reference", "train.kl_positions",
+    "train.meta_lr", "train.scalar_lr_scale", "train.max_grad_norm", "train.seq_optimizer_step",
+    "train.batch_step_chaining", "train.n_batches", "train.sequence_length", "train.epochs", "train.retain_batches",
+    "train.retain_coef", "train.eval_every"})
 
 
 def untrained_blind_keys(grid: list[list[str]]) -> list[str]:
     """The keys a grid varies that cannot change an untrained editor's scores (sweep without --train)."""
-    keys = sorted({o.split("=", 1)[0] for point in grid for o in point})
-    return [k for k in keys if k in _TRAINED_ONLY or (k.startswith("train.") and k != "train.prior_records")]
+    return sorted({o.split("=", 1)[0] for point in grid for o in point} & _TRAINED_ONLY)
 
 
 @dataclass
