@@ -30,7 +30,8 @@ def test_expand_grid_is_the_cartesian_product_with_joint_axes():
 
 
 def test_untrained_sweeps_name_the_keys_they_cannot_tell_apart():
-    grid = expand_grid(["editor.rank=128,256", "train.reg_coef=0,0.01", "train.prior_records=100,300", "train.mode=batch",
+    grid = expand_grid(["editor.rank=128,256", "train.reg_coef=0,0.01", "train.prior_records=100,300",
+                        "train.mode=batch",
                         "editor.eta_init=1e-3"])
     assert untrained_blind_keys(grid) == ["editor.rank", "train.reg_coef"]
     assert untrained_blind_keys(expand_grid(["editor.key_prior=0,1000"])) == []
