@@ -11,9 +11,36 @@ environment before triton is imported (the flag is read when `@triton.jit` decor
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import os
 import sys
+
+
+def _yield_top_level_name() -> None:
+    """Hand the name `kernels` to the distribution that owns it.
+
+    This folder is installed as `emsedit_fast.kernels`. It is importable as a top-level `kernels` only when the
+    checkout's root is on sys.path (`python -m ...` or pytest started there), and then it shadows any installed
+    package of that name: transformers imports Hugging Face's `kernels` (a dependency of recent releases) while
+    loading a model, and would fail on this folder. So when imported under that name, load the installed package in
+    its place (the import statement returns what sys.modules holds after this module ran); without one, stay."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    others = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
+    spec = importlib.machinery.PathFinder.find_spec("kernels", others)
+    if spec is None or spec.loader is None:
+        return
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kernels"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["kernels"]
+        raise
+
+
+if __name__ == "kernels":
+    _yield_top_level_name()
 
 
 def interpreting() -> bool:

@@ -91,3 +91,33 @@ def test_every_schema_and_source_belongs_to_a_stem():
         assert found <= stems, f"{folder} has sources for unknown stems {sorted(found - stems)}"
     tests = {p.stem.removeprefix("test_") for p in (ROOT / "tests/ops").glob("test_*.py")}
     assert stems <= tests, f"stems without tests: {sorted(stems - tests)}"
+
+
+
+def _import_kernels_from_root(extra_path: Path | None, *flags: str) -> list[str]:
+    """`import kernels` in a fresh interpreter started in the repository root (as `python -m ...` from a checkout
+    is): the file the name resolves to and the module's MARK."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(extra_path) if extra_path else ""
+    code = "import kernels; print(kernels.__file__); print(getattr(kernels, 'MARK', 'none'))"
+    out = subprocess.run([sys.executable, *flags, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         check=True)
+    return out.stdout.splitlines()
+
+
+def test_top_level_kernels_folder_yields_its_name_to_an_installed_package(tmp_path):
+    # transformers imports Hugging Face's `kernels` while loading a model; from the checkout's root this folder must
+    # not shadow it
+    pkg = tmp_path / "site" / "kernels"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("MARK = 'installed'\n")
+    assert _import_kernels_from_root(tmp_path / "site") == [str(pkg / "__init__.py"), "installed"]
+
+
+def test_top_level_kernels_folder_stays_without_an_installed_package():
+    # -S: no site-packages, so no other package of that name anywhere on sys.path
+    assert _import_kernels_from_root(None, "-S") == [str(ROOT / "kernels" / "__init__.py"), "none"]
