@@ -119,6 +119,10 @@ class TrainConfig:
     # kl only (rledit_decay scores the last back_depth batches itself); the batch mode has no earlier edits in W.
     retain_batches: int = 0
     retain_coef: float = 1.0
+    # also score the edit prompt itself (CE of the new answer, weight edit_prompt_coef) beside its paraphrases; 0: the
+    # paraphrases only, as published. The evaluation's efficacy (ES) is measured on the edit prompt, which the
+    # paraphrase-only loss never reads.
+    edit_prompt_coef: float = 0.0
     micro_batch: int = 4
     eval_every: float = 0.0  # validation during training: every N batches (N >= 1) or fraction of the run (< 1)
     prior_records: int = 300  # training records whose prompts estimate the key statistics (editor.key_prior)
@@ -129,6 +133,7 @@ class TrainConfig:
         _check(self.epochs >= 0, "train.epochs", "must be >= 0")
         _check(self.retain_batches >= 0, "train.retain_batches", "must be >= 0")
         _check(self.retain_coef >= 0, "train.retain_coef", "must be >= 0")
+        _check(self.edit_prompt_coef >= 0, "train.edit_prompt_coef", "must be >= 0")
         _check(self.sequence_length >= 0, "train.sequence_length", "must be >= 0")
         _check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
         _check(self.prior_records >= 1, "train.prior_records", "must be >= 1")

@@ -112,7 +112,8 @@ class MetaTrainer:
 
     def weight_grads(self, terms: list[tuple[float, object, torch.Tensor | None]], drift_steps: list | None = None
                      ) -> tuple[float, dict[str, WeightGrad]]:
-        """dL/dW for every edited module, factored, for L = sum_terms w (edit_coef CE(equiv) + loc_coef KL(unrel))
+        """dL/dW for every edited module, factored, for L = sum_terms w (edit_coef [CE(equiv) + edit_prompt_coef
+        CE(edit)] + loc_coef KL(unrel))
         + reg_coef sum_l ||W_l - W_l^0||^2 (loss 'l2'). terms: (weight, tuples, reference logits or None).
 
         drift_steps: the StepRecords applied since W0 when the drift W - W0 is exactly their sum (batch mode); the
@@ -122,14 +123,18 @@ class MetaTrainer:
         modules = editor.modules_
         parts: list[FactoredGrads] = []
         for weight, tuples, ref in terms:
-            equiv = tuples.equiv
-            keep = answer_positions(equiv.labels)  # logits only where the loss reads them
+            # the paraphrases (generalisation), and with edit_prompt_coef the edit prompts themselves (efficacy)
+            scored = [(cfg.edit_coef, tuples.equiv)]
+            if cfg.edit_prompt_coef:
+                scored.append((cfg.edit_coef * cfg.edit_prompt_coef, tuples.edit))
+            for coef, toks in scored:
+                keep = answer_positions(toks.labels)  # logits only where the loss reads them
 
-            def ce(logits, labels=equiv.labels.index_select(1, keep), equiv=equiv, w=weight):
-                return w * cfg.edit_coef * answer_ce(logits, labels, equiv.micro_batch, cfg.loss_reduction)
+                def ce(logits, labels=toks.labels.index_select(1, keep), toks=toks, w=weight * coef):
+                    return w * answer_ce(logits, labels, toks.micro_batch, cfg.loss_reduction)
 
-            parts.append(factored_weight_grads(editor.model, modules, equiv.input_ids, equiv.attention_mask, ce,
-                                               logit_positions=keep))
+                parts.append(factored_weight_grads(editor.model, modules, toks.input_ids, toks.attention_mask, ce,
+                                                   logit_positions=keep))
             if ref is not None:
                 unrel = tuples.unrel
                 keep = self._kl_positions(unrel)
