@@ -211,8 +211,9 @@ class EngineWork:
 
 
 EXPECTED = _harness.OneEntry()
-# workloads whose fused provider is also timed side by side with the competent engine (the kernel-gain target)
-PAIRED = ("edit_step_editor_work",)
+# workloads whose fused provider is also timed side by side with the competent engine (the kernel-gain target; end
+# to end, where one provider after the other read up to 25% apart on identical model passes)
+PAIRED = ("edit_step_editor_work", "end_to_end_edit", "end_to_end_train")
 
 
 def _paired_with_competent(work: EngineWork, make: Callable[..., EngineWork], case, device: str, rounds: int

@@ -220,10 +220,11 @@ def e2e_section(r, name):
             ph = i.get("phases_s", {})
             split = ", ".join(f"{k} {fmt_time(ph[k])}" for k in PHASES if ph.get(k))
             rows.append([case, prov, fmt_time(e["median"]), fmt_time(i.get("seconds_per_edit")), x(e.get("x_floor")),
-                         x(e.get("vs_competent")), x(e.get("vs_reference")), fmt_bytes(i.get("peak_rss_bytes")),
-                         split or "–", i.get("gate", "?")])
+                         x(e.get("vs_competent")), x(e.get("vs_competent_paired")), x(e.get("vs_reference")),
+                         fmt_bytes(i.get("peak_rss_bytes")), split or "–", i.get("gate", "?")])
     return table(["case", "provider", "median", "per edit", "x floor (median / floor)", "competent / this",
-                  "reference / this", "peak RSS (process)", "where the time goes (per call)", "gate"], rows)
+                  "competent / this, side by side", "reference / this", "peak RSS (process)",
+                  "where the time goes (per call)", "gate"], rows)
 
 
 def targets_section(r):
