@@ -93,7 +93,6 @@ def test_every_schema_and_source_belongs_to_a_stem():
     assert stems <= tests, f"stems without tests: {sorted(stems - tests)}"
 
 
-
 def _import_kernels_from_root(extra_path: Path | None, *flags: str) -> list[str]:
     """`import kernels` in a fresh interpreter started in the repository root (as `python -m ...` from a checkout
     is): the file the name resolves to and the module's MARK."""

@@ -8,33 +8,15 @@ import torch
 
 from emsedit_fast.config import ConfigError
 from emsedit_fast.config import load
-from emsedit_fast.data.edit_batch import tokenize_batch
-from emsedit_fast.data.facts import bundled_facts
-from emsedit_fast.editors import build_editor
-from emsedit_fast.models.adapter import default_module_patterns
-from emsedit_fast.models.adapter import resolve_modules
-from emsedit_fast.models.tiny import tiny_llama
-from emsedit_fast.models.tiny import tiny_tokenizer
-from emsedit_fast.trainer import MetaTrainer
 
 
-def _trainer(*overrides):
-    torch.manual_seed(0)
-    model = tiny_llama()
-    cfg = load("emsedit", mode="sequential", overrides=["editor.rank=8", "editor.backend=reference",
-                                                         "train.reg_coef=0", *overrides])
-    editor = build_editor(model, resolve_modules(model, default_module_patterns(model, "sequential")), cfg.editor,
-                          "sequential", seed=0)
-    return MetaTrainer(editor, cfg.train)
-
-
-def test_edit_prompt_term_adds_its_weighted_cross_entropy():
-    batch = tokenize_batch(tiny_tokenizer(), bundled_facts("train")[:4], 4)
+def test_edit_prompt_term_adds_its_weighted_cross_entropy(tiny_trainer, tiny_batches):
+    batch = tiny_batches(1, 4)[0]
     # the same paraphrase-only trainer scores the paraphrases, and the edit prompts when they stand in for them
-    plain = _trainer()
+    plain = tiny_trainer("train.reg_coef=0")
     loss_equiv, g_equiv = plain.weight_grads([(1.0, batch, None)])
     loss_edit, g_edit = plain.weight_grads([(1.0, dataclasses.replace(batch, equiv=batch.edit), None)])
-    both = _trainer("train.edit_prompt_coef=0.5")
+    both = tiny_trainer("train.reg_coef=0", "train.edit_prompt_coef=0.5")
     loss, grads = both.weight_grads([(1.0, batch, None)])
     assert loss_edit > 0 and loss_equiv > 0 and loss_edit != pytest.approx(loss_equiv)
     assert loss == pytest.approx(loss_equiv + 0.5 * loss_edit, rel=1e-5)

@@ -2,37 +2,15 @@
 that their cross-entropy enters the meta-loss at the current weights with total weight retain_coef."""
 
 import pytest
-import torch
 
 from emsedit_fast.config import ConfigError
 from emsedit_fast.config import load
-from emsedit_fast.data.edit_batch import tokenize_batch
-from emsedit_fast.data.facts import bundled_facts
-from emsedit_fast.editors import build_editor
-from emsedit_fast.models.adapter import default_module_patterns
-from emsedit_fast.models.adapter import resolve_modules
-from emsedit_fast.models.tiny import tiny_llama
-from emsedit_fast.models.tiny import tiny_tokenizer
-from emsedit_fast.trainer import MetaTrainer
+
+RETENTION = ("editor.n_steps=2", "editor.eta_init=1e-2")  # on top of tests/editors/conftest.py's tiny trainer
 
 
-def _trainer(*overrides):
-    torch.manual_seed(0)
-    model = tiny_llama()
-    cfg = load("emsedit", mode="sequential", overrides=["editor.rank=8", "editor.n_steps=2", "editor.eta_init=1e-2",
-                                                         "editor.backend=reference", *overrides])
-    editor = build_editor(model, resolve_modules(model, default_module_patterns(model, "sequential")), cfg.editor,
-                          "sequential", seed=0)
-    return MetaTrainer(editor, cfg.train)
-
-
-def _batches(n):
-    tok, records = tiny_tokenizer(), bundled_facts("train")
-    return [tokenize_batch(tok, records[i * 3:(i + 1) * 3], 3) for i in range(n)]
-
-
-def test_retained_batches_come_from_the_current_sequence_only():
-    trainer = _trainer("train.retain_batches=2", "train.sequence_length=4")
+def test_retained_batches_come_from_the_current_sequence_only(tiny_trainer):
+    trainer = tiny_trainer(*RETENTION, "train.retain_batches=2", "train.sequence_length=4")
     batches = list(range(12))  # _retained only indexes the list
     drawn = {}
     for step in range(12):
@@ -50,15 +28,15 @@ def test_retained_batches_come_from_the_current_sequence_only():
     assert trainer._retained(batches) == [8]
 
 
-def test_without_sequences_every_earlier_batch_can_be_retained():
-    trainer = _trainer("train.retain_batches=3")
+def test_without_sequences_every_earlier_batch_can_be_retained(tiny_trainer):
+    trainer = tiny_trainer(*RETENTION, "train.retain_batches=3")
     trainer.step = 3
     assert trainer._retained(list(range(5))) == [0, 1, 2]
 
 
-def test_retention_terms_enter_the_meta_loss():
-    trainer = _trainer("train.retain_batches=2", "train.retain_coef=0.5", "train.reg_coef=0")
-    batches = _batches(3)
+def test_retention_terms_enter_the_meta_loss(tiny_trainer, tiny_batches):
+    trainer = tiny_trainer(*RETENTION, "train.retain_batches=2", "train.retain_coef=0.5", "train.reg_coef=0")
+    batches = tiny_batches(3)
     seen = []
     weight_grads = trainer.weight_grads
 
