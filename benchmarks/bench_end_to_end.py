@@ -182,6 +182,7 @@ class Floor(_engine.EngineWork):
 EDITOR_PHASES = {"capture": "capture", "check_record": "checks", "_check_applied": "checks", "apply_step": "update",
                  "meta_backward": "meta-gradient"}
 TRAINER_PHASES = {"weight_grads": "meta-loss pass", "_clip": "optimizer"}
+BLOCK_PARAMS = ("a", "b", "c", "s", "t")  # a hypernetwork block's parameters (nets.k.g.<name>.<block>)
 
 
 class EditStep(_engine.EngineWork):
@@ -237,7 +238,11 @@ class TrainStep(EditStep):
         _engine.EngineWork.__init__(self, provider)
         self.s = Session(work, provider, device, train=True, solve_form=solve_form)
         self.editor = self.s.editor()
-        self.state0 = self.editor.editor_state()
+        # The state every round starts from. The hypernetwork blocks (as large as Adam's two moments together) are not
+        # copied: train_like_ regenerates them bit for bit from its seeds, so the measured peak RSS holds no copy of
+        # them that a training run would not have.
+        blocks = {n for n, _ in self.editor.named_parameters() if n.rsplit(".", 2)[-2] in BLOCK_PARAMS}
+        self.state0 = {k: v.detach().clone() for k, v in self.editor.state_dict().items() if k not in blocks}
         self.clock.wrap_methods(self.editor, EDITOR_PHASES)
         self.trainer, self.grads = None, {}
 
@@ -246,15 +251,18 @@ class TrainStep(EditStep):
 
         with self.engine():
             self.editor.reset()
-        self.editor.load_state_dict(self.state0)
+        self.editor.load_state_dict(self.state0, strict=False)
+        _engine.train_like_(self.editor)
         self.trainer = MetaTrainer(self.editor, self.s.cfg.train)
         self.clock.wrap_methods(self.trainer, TRAINER_PHASES)
         self.grads = {}
         adam = self.trainer.optimizer.step
 
-        def step(*args, **kwargs):  # keeps the step's gradients for the gate (not while timing)
+        def step(*args, **kwargs):
+            # keeps the step's gradients for the gate (not while timing): the tensors themselves, not copies (Adam
+            # reads them, zero_grad only lets go of them), so the gate adds nothing to the measured peak
             if not self.grads and not self.clock.recording:
-                self.grads.update({n: p.grad.detach().clone() for n, p in self.editor.named_parameters()
+                self.grads.update({n: p.grad.detach() for n, p in self.editor.named_parameters()
                                    if p.grad is not None})
             return adam(*args, **kwargs)
 
@@ -290,7 +298,8 @@ class TrainStep(EditStep):
 
     def close(self):
         self.editor.reset()
-        self.editor.load_state_dict(self.state0)
+        self.editor.load_state_dict(self.state0, strict=False)
+        _engine.train_like_(self.editor)
 
 
 def _make(kind):

@@ -139,7 +139,9 @@ def load_split(session_or_cfg, split: str, source: str | None = None) -> list[Ed
 
 def fit_key_prior(session: Session, records: list[EditRecord] | None = None) -> int:
     """Estimate the editor's key statistics (editor.key_prior) from every prompt of `records` (default: the first
-    train.prior_records training records): their edit, paraphrase and locality prompts, all positions."""
+    train.prior_records training records): their edit, paraphrase and locality prompts, at all positions or only at
+    the answer positions (train.prior_positions "answer": the positions whose keys an edit reads, so the prior
+    describes the inputs that unrelated predictions are made from)."""
     from emsedit_fast.data.collate import collate
     from emsedit_fast.data.collate import record_tuples
 
@@ -149,7 +151,7 @@ def fit_key_prior(session: Session, records: list[EditRecord] | None = None) -> 
     for which in ("edit", "equiv", "unrel"):
         tuples += [t[:2] for t in record_tuples(records, which, first_only=True)[0]]
     batch = collate(session.tokenizer, tuples, micro_batch=16, max_length=cfg.model.max_length).to(session.device)
-    return session.editor.fit_key_prior(batch.micro_batches())
+    return session.editor.fit_key_prior(batch.micro_batches(), answer_only=cfg.train.prior_positions == "answer")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

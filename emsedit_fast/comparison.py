@@ -49,7 +49,8 @@ def method_config(base: RunConfig, method: str, overrides: list[str] = (), defau
     name, k = METHOD_NAMES[method]
     common = {"model": dataclasses.asdict(base.model), "data": dataclasses.asdict(base.data),
               "train": {"n_batches": base.train.n_batches, "epochs": base.train.epochs,
-                        "micro_batch": base.train.micro_batch, "prior_records": base.train.prior_records},
+                        "micro_batch": base.train.micro_batch, "prior_records": base.train.prior_records,
+                        "prior_positions": base.train.prior_positions},
               "seed": base.seed}
     common["model"]["modules"] = list(base.model.modules)
     cfg = load(name, mode=base.train.mode, defaults=defaults, extra={**common, "editor": {"n_steps": k}},

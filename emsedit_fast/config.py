@@ -126,6 +126,8 @@ class TrainConfig:
     micro_batch: int = 4
     eval_every: float = 0.0  # validation during training: every N batches (N >= 1) or fraction of the run (< 1)
     prior_records: int = 300  # training records whose prompts estimate the key statistics (editor.key_prior)
+    # which positions of those prompts: "all" tokens, or only the "answer" positions (where an edit's keys are read)
+    prior_positions: Literal["all", "answer"] = "all"
 
     def __post_init__(self):
         _check(self.meta_lr > 0, "train.meta_lr", "must be > 0")

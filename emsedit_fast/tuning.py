@@ -61,8 +61,8 @@ def expand_grid(axes: list[str]) -> list[list[str]]:
 
 
 # Keys an untrained editor does not read: the hypernetwork blocks start at the identity whatever their rank, and
-# these training settings act only through training. (train.mode, micro_batch, loss_reduction and prior_records also
-# shape the evaluation or the key prior, so they are not listed.)
+# these training settings act only through training. (train.mode, micro_batch, loss_reduction, prior_records and
+# prior_positions also shape the evaluation or the key prior, so they are not listed.)
 _TRAINED_ONLY = frozenset({
     "editor.rank", "editor.step_rank", "train.loss", "train.edit_coef", "train.loc_coef", "train.reg_coef",
     "train.shift_reg", "train.back_depth", "train.time_decay", "train.kl_reference", "train.kl_positions",

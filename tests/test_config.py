@@ -24,6 +24,8 @@ def test_yaml_strings_and_ints_are_coerced_to_the_declared_type():
 def test_literal_and_range_violations_are_clear():
     with pytest.raises(ConfigError, match="train.mode: 'online' is not one of"):
         load("emsedit", overrides=["train.mode=online"])
+    with pytest.raises(ConfigError, match="train.prior_positions: 'last' is not one of"):
+        load("emsedit", overrides=["train.prior_positions=last"])
     with pytest.raises(ConfigError, match="editor.n_steps: must be in 1..8"):
         load("emsedit", overrides=["editor.n_steps=0"])
     with pytest.raises(ConfigError, match="editor.rank: expected an integer"):

@@ -217,12 +217,14 @@ class Editor(nn.Module):
     # key prior
 
     @torch.no_grad()
-    def fit_key_prior(self, batches, *, max_tokens: int | None = None) -> int:
+    def fit_key_prior(self, batches, *, max_tokens: int | None = None, answer_only: bool = False) -> int:
         """Estimate Sigma_l = E[x x^T] over the keys of every edited module at all non-pad positions of `batches`
-        (TokenBatch-like: input_ids, attention_mask), replacing earlier statistics. Returns the tokens used."""
+        (TokenBatch-like: input_ids, attention_mask; labels with answer_only, which keeps only the answer positions),
+        replacing earlier statistics. Returns the tokens used."""
         if self.prior is None or self.cfg.key_prior <= 0:
             raise ValueError("fit_key_prior: editor.key_prior is 0 (no key prior configured)")
-        moments, tokens = key_second_moments(self.model, self.modules_, batches, max_tokens=max_tokens)
+        moments, tokens = key_second_moments(self.model, self.modules_, batches, max_tokens=max_tokens,
+                                             answer_only=answer_only)
         self.prior.fit(moments, tokens)
         log.info("key prior: second moments of %d tokens per edited module", tokens)
         return tokens

@@ -408,9 +408,12 @@ def factored_weight_grads(model: nn.Module, modules: Sequence[EditedModule], inp
 
 @torch.no_grad()
 def key_second_moments(model: nn.Module, modules: Sequence[EditedModule], batches, *,
-                       max_tokens: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
+                       max_tokens: int | None = None, answer_only: bool = False
+                       ) -> tuple[dict[str, torch.Tensor], int]:
     """Sigma_l = (1/N) sum_t x_t x_t^T (d_in, d_in) fp32 over the inputs x_t of every edited module at all N non-pad
     positions of `batches` (objects with input_ids (B, T) and attention_mask (B, T)), accumulated in fp64.
+    answer_only: only the N answer positions (labels (B, T) != -100, pre-shifted: the positions that predict the
+    answer, where capture reads an edit's keys).
 
     These are the statistics of the key prior (docs/method.md, "Ridge least squares"): the directions ordinary
     inputs occupy. max_tokens stops after about that many tokens. Returns ({module name: Sigma_l}, N).
@@ -428,6 +431,8 @@ def key_second_moments(model: nn.Module, modules: Sequence[EditedModule], batche
                 kwargs["use_cache"] = False
             model(**kwargs)
             mask = batch.attention_mask.bool()
+            if answer_only:
+                mask = mask & (batch.labels != IGNORE_INDEX)
             for m in modules:
                 x = seen[m.name][mask.to(seen[m.name].device)].double()  # (N_b, d_in)
                 sums[m.name] += x.t() @ x
@@ -438,5 +443,5 @@ def key_second_moments(model: nn.Module, modules: Sequence[EditedModule], batche
         for h in handles:
             h.remove()
     if tokens == 0:
-        raise ValueError("key_second_moments: the batches hold no tokens")
+        raise ValueError("key_second_moments: the batches hold no " + ("answer positions" if answer_only else "tokens"))
     return {name: (s / tokens).float() for name, s in sums.items()}, tokens

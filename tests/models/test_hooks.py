@@ -284,3 +284,31 @@ def test_capture_bf16_model_gives_fp32_rows():
     same = capture(model, modules, batch.input_ids, batch.attention_mask, batch.labels, batch.micro_batch,
                    dtype=torch.bfloat16)
     assert same.keys[modules[0].name].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("answer_only", [False, True])
+def test_key_second_moments_are_the_mean_outer_product_of_the_chosen_positions(answer_only):
+    """Sigma_l = (1/N) sum_t x_t x_t^T over every non-pad position, or (answer_only) over exactly the positions
+    whose keys the capture reads: the same rows as `capture`'s keys, so the prior describes what an edit touches."""
+    from emsedit_fast.models.hooks import key_second_moments
+
+    model = tiny_llama()
+    modules = resolve_modules(model, ALL_MLP["llama"])
+    batch = make_batch(PAIRS)
+    halves = [SimpleNamespace(input_ids=batch.input_ids[i:i + 3], attention_mask=batch.attention_mask[i:i + 3],
+                              labels=batch.labels[i:i + 3]) for i in (0, 3)]
+    moments, tokens = key_second_moments(model, modules, halves, answer_only=answer_only)
+    cap = capture(model, modules, batch.input_ids, batch.attention_mask, batch.labels, batch.micro_batch,
+                  token_mode="answer" if answer_only else "all")
+    expected_tokens = int((batch.labels != IGNORE_INDEX).sum() if answer_only else batch.attention_mask.sum())
+    assert tokens == cap.n_rows == expected_tokens
+    for m in modules:
+        x = cap.keys[m.name].double()
+        torch.testing.assert_close(moments[m.name].double(), x.t() @ x / tokens, rtol=1e-5, atol=1e-6)
+    if answer_only:  # fewer positions, a different matrix: the option is not a no-op
+        everything, _ = key_second_moments(model, modules, halves)
+        assert not torch.allclose(everything[modules[0].name], moments[modules[0].name])
+        no_answer = SimpleNamespace(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                    labels=torch.full_like(batch.labels, IGNORE_INDEX))
+        with pytest.raises(ValueError, match="no answer positions"):
+            key_second_moments(model, modules, [no_answer], answer_only=True)
