@@ -19,8 +19,10 @@
 // exactly `W.addmm_(X^T, Y, alpha)`, and the op calls that, one layer at a time with ATen's own threading. Running the
 // same GEMMs as tiles of one parallel region (whole layers or row slices, single-threaded BLAS per tile) lost to it:
 // 0.75x on six GPT-2-XL Conv1D layers, 0.91x on eleven SmolLM2 layers (full benchmark run before the change). The
-// dense fp32 update is likewise ATen's `W.add_(S or S^T, alpha)`. `python -m emsedit_fast.info` lists the CPU ops
-// that hand work to ATen.
+// dense fp32 Conv1D update (S has W's layout) is likewise ATen's contiguous `W.add_(S, alpha)`; the dense fp32
+// Linear update W += alpha S^T takes the blocked transpose below, as the bf16 one does: ATen's add_ on the strided
+// view S^T, and also torch.compile's, lost to it. `python -m emsedit_fast.info` lists the CPU ops that hand work to
+// ATen.
 
 #include <torch/extension.h>
 
@@ -37,14 +39,18 @@ namespace {
 using emsedit_fast::cpu::add_scaled_row;
 using emsedit_fast::cpu::parallel_grain;
 using emsedit_fast::cpu::sgemm;
+using emsedit_fast::cpu::transpose8x8_f32;
 
 // bf16/fp16 weights: 64 x 1024 fp32 = 256 KiB, the tile buffer, plus the Y panel it reads (n x 1024), stays in a
 // 1-2 MiB L2. 64 rows also keep enough tiles per layer to balance threads even for a handful of small layers.
 // (Measured on Zen 4 for 12 x 1536 x 576, n = 64: tiles from 64 x 512 to 256 x 4096 are within 5% of each other.)
 constexpr int64_t kTileRows = 64;
 constexpr int64_t kTileCols = 1024;
-// The dense transpose-add works on square blocks small enough for L1 (64 x 64 fp32 = 16 KiB).
+// The dense Conv1D add works on tiles of kBlock x kTileCols; the dense Linear transpose-add on tiles of
+// kDenseRows x kDenseCols (a 16 KiB fp32 buffer, L1-resident; 16 rows = one 64-byte line of S per column).
 constexpr int64_t kBlock = 64;
+constexpr int64_t kDenseRows = 16;
+constexpr int64_t kDenseCols = 256;
 
 struct Tile {
   int64_t layer;
@@ -189,20 +195,23 @@ void apply_deltas_dense_cpu(at::TensorList weights, at::TensorList shifts, const
     const int64_t d_in = transposed ? w.size(0) : w.size(1);
     check_factor(shifts[l], "shifts", l, d_in, d_out, op);
     dims[l] = {w.size(0), w.size(1)};
-    if (w.scalar_type() == at::kFloat) {
+    if (w.scalar_type() == at::kFloat && transposed) {
       dims[l] = {0, 0};  // updated by ATen below
     }
     work += dims[l].first * dims[l].second;
   }
 
   // Conv1D: W (d_in, d_out) and S (d_in, d_out) share a layout, so a tile is a plain row-wise add.
-  // Linear: W (d_out, d_in) gets S^T; each kBlock x kBlock block of S is transposed through an L1-resident buffer,
-  // so both S and W are read in contiguous runs. Reads S once, reads and writes W once.
-  const std::vector<Tile> tiles =
-      make_tiles(dims, std::vector<std::pair<int64_t, int64_t>>(L, {kBlock, transposed ? kTileCols : kBlock}));
+  // Linear: W (d_out, d_in) gets S^T. A tile is kDenseRows rows of W by kDenseCols columns; its part of S^T is built
+  // in a thread-local buffer from 8 x 8 register transposes. Consecutive tiles walk along W's rows, so S is read in
+  // runs of kDenseRows floats (one cache line) per row, down a band of columns, and every line is used whole. Reads S
+  // once, reads and writes W once; the add rounds exactly as the reference does.
+  const std::vector<Tile> tiles = make_tiles(
+      dims, std::vector<std::pair<int64_t, int64_t>>(L, {transposed ? kBlock : kDenseRows,
+                                                         transposed ? kTileCols : kDenseCols}));
   const int64_t n_tiles = static_cast<int64_t>(tiles.size());
   at::parallel_for(0, n_tiles, parallel_grain(work / std::max<int64_t>(n_tiles, 1)), [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(static_cast<size_t>(kBlock * kBlock));
+    std::vector<float> buf(transposed ? 0 : static_cast<size_t>(kDenseRows * kDenseCols));
     for (int64_t i = begin; i < end; ++i) {
       const Tile& tile = tiles[i];
       const at::Tensor& w = weights[tile.layer];
@@ -216,23 +225,29 @@ void apply_deltas_dense_cpu(at::TensorList weights, at::TensorList shifts, const
       } else {
         // S is (C, R) = (d_in, d_out): buf[r][c] = S[c0 + c][r0 + r]
         const int64_t R = dims[tile.layer].first;
-        for (int64_t c = 0; c < tile.cols; ++c) {
-          const float* srow = s + (tile.c0 + c) * R + tile.r0;
-          for (int64_t r = 0; r < tile.rows; ++r) {
-            buf[r * kBlock + c] = srow[r];
+        const float* corner = s + tile.c0 * R + tile.r0;
+        const int64_t full_r = tile.rows / 8 * 8, full_c = tile.cols / 8 * 8;
+        for (int64_t r = 0; r < full_r; r += 8) {
+          for (int64_t c = 0; c < full_c; c += 8) {
+            transpose8x8_f32(corner + c * R + r, R, buf.data() + r * kDenseCols + c, kDenseCols);
+          }
+        }
+        for (int64_t r = 0; r < tile.rows; ++r) {  // the edges that do not fill an 8 x 8 block
+          for (int64_t c = (r < full_r ? full_c : 0); c < tile.cols; ++c) {
+            buf[r * kDenseCols + c] = corner[c * R + r];
           }
         }
         src = buf.data();
-        lds = kBlock;
+        lds = kDenseCols;
       }
       EMS_DISPATCH_WEIGHT_TYPES(w.scalar_type(), "apply_deltas_dense_cpu", [&] {
         add_tile(w.data_ptr<scalar_t>() + tile.r0 * C + tile.c0, C, src, lds, tile.rows, tile.cols, scale[tile.layer]);
       });
     }
   });
-  for (size_t l = 0; l < L; ++l) {  // fp32 layers: W += alpha S (Conv1D) or alpha S^T (Linear)
-    if (weights[l].scalar_type() == at::kFloat) {
-      weights[l].add_(transposed ? shifts[l] : shifts[l].t(), scale[l]);
+  for (size_t l = 0; l < L; ++l) {  // fp32 Conv1D layers: W += alpha S, the same layout (a contiguous add)
+    if (transposed && weights[l].scalar_type() == at::kFloat) {
+      weights[l].add_(shifts[l], scale[l]);
     }
   }
 }

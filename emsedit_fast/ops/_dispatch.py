@@ -52,7 +52,8 @@ CPP_ATEN_PATHS = {
     ("cpu", "restore_"): "ATen's multi-tensor copy (torch._foreach_copy_): faster than a parallel memcpy here",
     ("cpu", "apply_deltas_"): "fp32 weights: ATen W.addmm_(X^T, Y) per layer (bf16/fp16: the fused tiles, one "
                               "rounding)",
-    ("cpu", "apply_deltas_dense_"): "fp32 weights: ATen W.add_(S^T) per layer (bf16/fp16: the fused blocks)",
+    ("cpu", "apply_deltas_dense_"): "fp32 Conv1D weights: ATen W.add_(S) per layer, S has W's layout (Linear, "
+                                    "bf16/fp16: the fused transpose-add)",
 }
 
 

@@ -150,6 +150,39 @@ inline bool has_f16c() {
 // Two fp32 roundings (the product, then the sum) as in the reference `W.float() + delta * alpha`, then one rounding
 // into w's dtype. Memory traffic: reads w and d once, writes w once.
 
+// dst[j][i] = src[i][j] for an 8 x 8 fp32 block (row strides lds, ldd). AVX2: eight row loads, a three-stage
+// unpack / shuffle / lane-permute network, eight row stores; the scalar fallback moves the same values (exact).
+inline void transpose8x8_f32(const float* __restrict src, int64_t lds, float* __restrict dst, int64_t ldd) {
+#ifdef EMSEDIT_FAST_AVX2
+  __m256 r[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  // stage 1: interleave pairs of rows: t0 = a0 b0 a1 b1 | a4 b4 a5 b5, t1 = a2 b2 a3 b3 | a6 b6 a7 b7, ...
+  __m256 t[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // stage 2: gather 4-row columns within each 128-bit lane: u0 = a0 b0 c0 d0 | a4 b4 c4 d4, ...
+  __m256 u[8];
+  for (int h = 0; h < 2; ++h) {  // rows 0-3, then rows 4-7
+    const __m256 lo = t[4 * h], hi = t[4 * h + 1], lo2 = t[4 * h + 2], hi2 = t[4 * h + 3];
+    u[4 * h + 0] = _mm256_shuffle_ps(lo, lo2, _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * h + 1] = _mm256_shuffle_ps(lo, lo2, _MM_SHUFFLE(3, 2, 3, 2));
+    u[4 * h + 2] = _mm256_shuffle_ps(hi, hi2, _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * h + 3] = _mm256_shuffle_ps(hi, hi2, _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  // stage 3: join the lanes of the two row halves: column j = low lane (j < 4) or high lane (j >= 4)
+  for (int j = 0; j < 4; ++j) {
+    _mm256_storeu_ps(dst + j * ldd, _mm256_permute2f128_ps(u[j], u[4 + j], 0x20));
+    _mm256_storeu_ps(dst + (j + 4) * ldd, _mm256_permute2f128_ps(u[j], u[4 + j], 0x31));
+  }
+#else
+  for (int i = 0; i < 8; ++i) {
+    for (int j = 0; j < 8; ++j) dst[j * ldd + i] = src[i * lds + j];
+  }
+#endif
+}
+
 EMS_EXACT inline void add_scaled_row_scalar_f32(float* __restrict w, const float* __restrict d, float alpha,
                                                 int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
