@@ -19,6 +19,8 @@ CASES = {
     "L3-n7-13x11": [(7, 13, 11)] * 3,
     "L2-n33-64x96": [(33, 64, 96)] * 2,
     "mixed": [(4, 17, 23), (9, 31, 7), (4, 17, 23), (1, 2, 129)],
+    # wider than one tile of the dense transpose-add (16 x 256 of W) in both directions, with ragged edges
+    "L2-n3-300x37": [(3, 300, 37)] * 2,
 }
 
 
@@ -65,7 +67,7 @@ def test_apply_deltas__matches_reference(backend, case, dtype_name, transposed, 
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
 @pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
-@pytest.mark.parametrize("case", ["L3-n7-13x11", "mixed"])
+@pytest.mark.parametrize("case", ["L3-n7-13x11", "mixed", "L2-n3-300x37"])
 def test_apply_deltas_dense__matches_reference(backend, case, dtype_name, transposed):
     device = device_for(backend)
     require_backend(backend, device)
