@@ -44,8 +44,13 @@ using emsedit_fast::cpu::transpose8x8_f32;
 // bf16/fp16 weights: 64 x 1024 fp32 = 256 KiB, the tile buffer, plus the Y panel it reads (n x 1024), stays in a
 // 1-2 MiB L2. 64 rows also keep enough tiles per layer to balance threads even for a handful of small layers.
 // (Measured on Zen 4 for 12 x 1536 x 576, n = 64: tiles from 64 x 512 to 256 x 4096 are within 5% of each other.)
+// A layer with at most kWholeRowCols columns takes whole rows per tile, as many as fill the same 256 KiB: every
+// tile is one BLAS call whose fixed cost (dispatch, packing the Y panel) a 64-row tile of a narrow layer does not
+// amortise (SmolLM2's 576- and 1536-wide layers lost to one ATen addmm_ per layer with 64 x 1024 tiles).
 constexpr int64_t kTileRows = 64;
 constexpr int64_t kTileCols = 1024;
+constexpr int64_t kWholeRowCols = 2048;
+constexpr int64_t kWholeRowFloats = int64_t{1} << 20;
 // The dense Conv1D add works on tiles of kBlock x kTileCols; the dense Linear transpose-add on tiles of
 // kDenseRows x kDenseCols (a 16 KiB fp32 buffer, L1-resident; 16 rows = one 64-byte line of S per column).
 constexpr int64_t kBlock = 64;
@@ -137,7 +142,9 @@ void apply_deltas_cpu(at::TensorList weights, at::TensorList coeffs, at::TensorL
     const float* m = coeffs[l].data_ptr<float>();
     const float* k = keys[l].data_ptr<float>();
     dims[l] = {w.size(0), w.size(1)};
-    shape[l] = {kTileRows, kTileCols};
+    shape[l] = w.size(1) <= kWholeRowCols
+                   ? std::pair<int64_t, int64_t>{std::max<int64_t>(kTileRows, kWholeRowFloats / w.size(1)), w.size(1)}
+                   : std::pair<int64_t, int64_t>{kTileRows, kTileCols};
     xs[l] = transposed ? k : m;
     ys[l] = transposed ? m : k;
     ns[l] = coeffs[l].size(0);
@@ -152,7 +159,7 @@ void apply_deltas_cpu(at::TensorList weights, at::TensorList coeffs, at::TensorL
   const std::vector<Tile> tiles = make_tiles(dims, shape);
   const int64_t n_tiles = static_cast<int64_t>(tiles.size());
   at::parallel_for(0, n_tiles, parallel_grain(work / std::max<int64_t>(n_tiles, 1)), [&](int64_t begin, int64_t end) {
-    // One fp32 tile buffer per thread (kTileRows x kTileCols); only the low-precision layers use it.
+    // One fp32 tile buffer per thread (the largest tile it meets); only the low-precision layers use it.
     std::vector<float> buf;
     for (int64_t i = begin; i < end; ++i) {
       const Tile& tile = tiles[i];
@@ -162,7 +169,7 @@ void apply_deltas_cpu(at::TensorList weights, at::TensorList coeffs, at::TensorL
       const float* a = xs[tile.layer] + tile.r0;
       const float* b = ys[tile.layer] + tile.c0;
       const float alpha_l = scale[tile.layer];
-      buf.resize(static_cast<size_t>(kTileRows * kTileCols));
+      buf.resize(std::max(buf.size(), static_cast<size_t>(tile.rows * tile.cols)));
       sgemm(true, false, tile.rows, tile.cols, n, 1.0f, a, R, b, C, 0.0f, buf.data(), tile.cols);
       AT_DISPATCH_REDUCED_FLOATING_TYPES(w.scalar_type(), "apply_deltas_cpu", [&] {
         add_tile(w.data_ptr<scalar_t>() + tile.r0 * C + tile.c0, C, buf.data(), tile.cols, tile.rows, tile.cols,
