@@ -47,8 +47,8 @@ using emsedit_fast::cpu::transpose8x8_f32;
 // A layer with at most kWholeRowCols columns takes whole rows per tile, as many as fill 4 MiB (all of a SmolLM2
 // layer): every tile is one BLAS call whose fixed cost (dispatch, packing the Y panel) a 64-row tile of a narrow layer
 // does not amortise. With 64 x 1024 tiles SmolLM2's 576- and 1536-wide bf16 layers lost to one ATen addmm_ per layer
-// (0.76-0.96x, one thread); with whole rows they are at 1.00-1.14x, and GPT-2 XL's 1600-wide ones went from 1.04x to
-// 1.42x (side by side with the competent update; BENCHMARKS.md).
+// (0.76-0.96x, one thread, a loaded machine); with whole rows, idle, 1.00-1.14x, and GPT-2 XL's 1600-wide layers
+// 1.42x side by side with the competent update (BENCHMARKS.md).
 constexpr int64_t kTileRows = 64;
 constexpr int64_t kTileCols = 1024;
 constexpr int64_t kWholeRowCols = 2048;
