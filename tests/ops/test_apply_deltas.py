@@ -21,6 +21,9 @@ CASES = {
     "mixed": [(4, 17, 23), (9, 31, 7), (4, 17, 23), (1, 2, 129)],
     # wider than one tile of the dense transpose-add (16 x 256 of W) in both directions, with ragged edges
     "L2-n3-300x37": [(3, 300, 37)] * 2,
+    # Linear: wider than 2048 columns, so the C++ low-precision update cuts it into 64 x 1024 tiles (ragged on both
+    # sides) instead of whole rows; Conv1D: 70 columns, whole rows
+    "L1-n2-2100x70": [(2, 2100, 70)],
 }
 
 

@@ -146,10 +146,6 @@ inline bool has_f16c() {
 #endif
 
 // --------------------------------------------------------------------------------------------------------------------
-// w[i] <- round(float(w[i]) + d[i] * alpha), i < n: the epilogue of every weight update.
-// Two fp32 roundings (the product, then the sum) as in the reference `W.float() + delta * alpha`, then one rounding
-// into w's dtype. Memory traffic: reads w and d once, writes w once.
-
 // dst[j][i] = src[i][j] for an 8 x 8 fp32 block (row strides lds, ldd). AVX2: eight row loads, a three-stage
 // unpack / shuffle / lane-permute network, eight row stores; the scalar fallback moves the same values (exact).
 inline void transpose8x8_f32(const float* __restrict src, int64_t lds, float* __restrict dst, int64_t ldd) {
@@ -182,6 +178,11 @@ inline void transpose8x8_f32(const float* __restrict src, int64_t lds, float* __
   }
 #endif
 }
+
+// --------------------------------------------------------------------------------------------------------------------
+// w[i] <- round(float(w[i]) + d[i] * alpha), i < n: the epilogue of every weight update.
+// Two fp32 roundings (the product, then the sum) as in the reference `W.float() + delta * alpha`, then one rounding
+// into w's dtype. Memory traffic: reads w and d once, writes w once.
 
 EMS_EXACT inline void add_scaled_row_scalar_f32(float* __restrict w, const float* __restrict d, float alpha,
                                                 int64_t n) {
