@@ -251,8 +251,7 @@ class TrainStep(EditStep):
 
         with self.engine():
             self.editor.reset()
-        self.editor.load_state_dict(self.state0, strict=False)
-        _engine.train_like_(self.editor)
+        self._initial_state()
         self.trainer = MetaTrainer(self.editor, self.s.cfg.train)
         self.clock.wrap_methods(self.trainer, TRAINER_PHASES)
         self.grads = {}
@@ -296,10 +295,14 @@ class TrainStep(EditStep):
     def info(self):
         return {**super().info(), "steps": 1, "loss_kind": self.s.cfg.train.loss}
 
+    def _initial_state(self):
+        """The editor's parameters and buffers as the round starts: state0, then the blocks from their seeds."""
+        self.editor.load_state_dict(self.state0, strict=False)
+        self.s.editor()
+
     def close(self):
         self.editor.reset()
-        self.editor.load_state_dict(self.state0, strict=False)
-        _engine.train_like_(self.editor)
+        self._initial_state()
 
 
 def _make(kind):
