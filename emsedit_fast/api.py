@@ -139,19 +139,24 @@ def load_split(session_or_cfg, split: str, source: str | None = None) -> list[Ed
 
 def fit_key_prior(session: Session, records: list[EditRecord] | None = None) -> int:
     """Estimate the editor's key statistics (editor.key_prior) from every prompt of `records` (default: the first
-    train.prior_records training records): their edit, paraphrase and locality prompts, at all positions or only at
-    the answer positions (train.prior_positions "answer": the positions whose keys an edit reads, so the prior
-    describes the inputs that unrelated predictions are made from)."""
+    train.prior_records training records): their edit, paraphrase and locality prompts, at the positions
+    train.prior_positions names: every token, the answer positions (the inputs that unrelated predictions are made
+    from), or those and the last token of the record's subject in its edit and paraphrase prompts."""
     from emsedit_fast.data.collate import collate
     from emsedit_fast.data.collate import record_tuples
 
     cfg = session.cfg
     records = list(records if records is not None else load_split(session, "train")[:cfg.train.prior_records])
-    tuples = []
+    tuples, subjects = [], []
     for which in ("edit", "equiv", "unrel"):
-        tuples += [t[:2] for t in record_tuples(records, which, first_only=True)[0]]
-    batch = collate(session.tokenizer, tuples, micro_batch=16, max_length=cfg.model.max_length).to(session.device)
-    return session.editor.fit_key_prior(batch.micro_batches(), answer_only=cfg.train.prior_positions == "answer")
+        found, owners = record_tuples(records, which, first_only=True)
+        tuples += [t[:2] for t in found]
+        # edit and paraphrase prompts name the record's subject; a locality prompt is about another one
+        subjects += [records[o].subject if which != "unrel" else None for o in owners]
+    where = cfg.train.prior_positions
+    batch = collate(session.tokenizer, tuples, micro_batch=16, max_length=cfg.model.max_length,
+                    subjects=subjects if "subject" in where else None).to(session.device)
+    return session.editor.fit_key_prior(batch.micro_batches(), positions=where)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

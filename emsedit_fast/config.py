@@ -70,6 +70,10 @@ class EditorConfig:
     solve_form: Literal["auto", "dual", "primal"] = "auto"
     key_prior: float = 0.0  # gamma of the key prior beta gamma E||S^T x||^2 over generic keys x (0: plain ridge)
     edit_prior: float = 0.0  # gamma_e: the prior's term beta gamma_e sum ||S^T u||^2 over earlier edits' keys u
+    # where an edit reads its keys and value-gradients (its targets): the answer positions, the last token of the
+    # record's subject in the edit prompt ("subject"; the answer positions where the prompt does not name it), both
+    # ("answer_subject"), or every token of the edit prompt and answer ("all"); data.collate.Positions
+    key_positions: Literal["answer", "subject", "answer_subject", "all"] = "answer"
     freeze_normaliser_at_eval: bool = False  # MEND behaviour: statistics only move while training
     std_floor: float = 0.0  # clamp the normaliser's std from below (0 = reference)
     hypernet_chunk: int = 128  # rows per recomputation chunk in the meta-gradient
@@ -126,8 +130,9 @@ class TrainConfig:
     micro_batch: int = 4
     eval_every: float = 0.0  # validation during training: every N batches (N >= 1) or fraction of the run (< 1)
     prior_records: int = 300  # training records whose prompts estimate the key statistics (editor.key_prior)
-    # which positions of those prompts: "all" tokens, or only the "answer" positions (where an edit's keys are read)
-    prior_positions: Literal["all", "answer"] = "all"
+    # which positions of those prompts: "all" tokens, only the "answer" positions, or those and the last token of the
+    # record's subject in its edit and paraphrase prompts ("answer_subject")
+    prior_positions: Literal["all", "answer", "answer_subject"] = "all"
 
     def __post_init__(self):
         _check(self.meta_lr > 0, "train.meta_lr", "must be > 0")

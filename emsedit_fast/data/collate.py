@@ -14,6 +14,14 @@ min(len(a), len(f)) can be compared, since the input is teacher-forced with the 
 `collate` stably sorts the tuples by token length, cuts them into micro-batches of `micro_batch` tuples (the unit of
 loss normalisation), and right-pads: pad_token_id (0 if the tokenizer has none) in the inputs, -100 in the labels,
 0 in the attention mask.
+
+With `subjects`, each row also marks the last token of its subject inside the prompt (`subject_mask`): the position
+where a transformer's middle layers hold what it recalls about the subject, which an edit can read its keys from
+(`editor.key_positions`). It is found by tokenising the prompt up to the end of the subject's first occurrence:
+
+    s = len(tok(prompt[:end_of_subject])) - 1          # same special tokens as the prompt itself
+
+A subject that is absent from its prompt (or None) marks nothing in that row.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 from typing import Iterator
+from typing import Literal
 from typing import Sequence
 
 import torch
@@ -32,6 +41,9 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 TUPLE_KINDS = ("edit", "equiv", "unrel", "portability")
+# which token positions of a batch: the answer positions, each prompt's last subject token (the answer positions of
+# a row whose prompt names no subject), both, or every non-pad token
+Positions = Literal["answer", "subject", "answer_subject", "all"]
 
 
 @dataclass
@@ -44,6 +56,8 @@ class TokenBatch:
     order: (B,) int64, index of each row in the input list (row r holds tuple order[r]).
     foil_labels: (B, T) int64 or None, the foil tokens on the answer positions (only the first min(L, L_f)); -100
     elsewhere, and on every position of rows without a foil. None when no tuple has a foil.
+    subject_mask: (B, T) bool or None, True at the last subject token of each row's prompt (module docstring); None
+    when collate was given no subjects.
     """
 
     input_ids: torch.Tensor
@@ -52,6 +66,7 @@ class TokenBatch:
     micro_batch: torch.Tensor
     order: torch.Tensor
     foil_labels: torch.Tensor | None = None
+    subject_mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -62,12 +77,30 @@ class TokenBatch:
             return None if t is None else t.to(device, non_blocking=non_blocking)
 
         return TokenBatch(move(self.input_ids), move(self.attention_mask), move(self.labels), move(self.micro_batch),
-                          move(self.order), move(self.foil_labels))
+                          move(self.order), move(self.foil_labels), move(self.subject_mask))
 
     @property
     def answer_mask(self) -> torch.Tensor:
         """(B, T) bool: the answer positions (labels != -100)."""
         return self.labels != IGNORE_INDEX
+
+    def positions(self, which: Positions) -> torch.Tensor:
+        """(B, T) bool mask of the positions `which` names (see `Positions`). "subject" and "answer_subject" need
+        subject_mask (collate with subjects); a row whose prompt names no subject falls back to its answer
+        positions under "subject", so every row keeps at least one position."""
+        if which == "answer":
+            return self.answer_mask
+        if which == "all":
+            return self.attention_mask != 0
+        if which not in ("subject", "answer_subject"):
+            raise ValueError(f"positions must be one of answer, subject, answer_subject, all; got {which!r}")
+        if self.subject_mask is None:
+            raise ValueError(f"positions {which!r} need a batch tokenised with its subjects (collate(subjects=...))")
+        answer = self.answer_mask
+        if which == "answer_subject":
+            return answer | self.subject_mask
+        named = self.subject_mask.any(1, keepdim=True)
+        return torch.where(named, self.subject_mask, answer)
 
     @property
     def n_micro_batches(self) -> int:
@@ -77,8 +110,10 @@ class TokenBatch:
         """Rows [start, stop), with the trailing columns that are padding in every kept row removed."""
         width = max(int(self.attention_mask[start:stop].sum(1).max().item()), 1)
         foil = None if self.foil_labels is None else self.foil_labels[start:stop, :width]
+        subject = None if self.subject_mask is None else self.subject_mask[start:stop, :width]
         return TokenBatch(self.input_ids[start:stop, :width], self.attention_mask[start:stop, :width],
-                          self.labels[start:stop, :width], self.micro_batch[start:stop], self.order[start:stop], foil)
+                          self.labels[start:stop, :width], self.micro_batch[start:stop], self.order[start:stop], foil,
+                          subject)
 
     def micro_batches(self) -> Iterator[TokenBatch]:
         """Each micro-batch as its own TokenBatch, trimmed to its longest row."""
@@ -129,12 +164,33 @@ def tokenize_pair(tokenizer: Any, prompt: str, answer: str, max_length: int = 12
     return p + a[:-1], [IGNORE_INDEX] * (len(p) - 1) + a
 
 
-def collate(tokenizer: Any, pairs: Sequence[tuple], micro_batch: int = 4, max_length: int = 128) -> TokenBatch:
+def subject_positions(tokenizer: Any, prompts: Sequence[str], subjects: Sequence[str | None],
+                      prompt_ids: Sequence[list[int]]) -> list[int | None]:
+    """For each prompt, the index of the last token of its subject (module docstring), or None where the subject is
+    None or does not occur in the prompt. prompt_ids: the prompts' token ids (an index never passes the last one)."""
+    if len(subjects) != len(prompts):
+        raise ValueError(f"collate: {len(subjects)} subjects for {len(prompts)} tuples")
+    ends: list[int | None] = []
+    for i, (prompt, subject) in enumerate(zip(prompts, subjects)):
+        if subject is not None and not isinstance(subject, str):
+            raise ValueError(f"collate: subject {i} must be a string or None, got {subject!r}")
+        at = prompt.find(subject.strip()) if subject and subject.strip() else -1
+        ends.append(at + len(subject.strip()) if at >= 0 else None)
+    found = [i for i, end in enumerate(ends) if end is not None]
+    prefixes = _tokens(tokenizer, [prompts[i][:ends[i]] for i in found], True)
+    out: list[int | None] = [None] * len(prompts)
+    for i, prefix in zip(found, prefixes):
+        out[i] = min(max(len(prefix) - 1, 0), len(prompt_ids[i]) - 1)
+    return out
+
+
+def collate(tokenizer: Any, pairs: Sequence[tuple], micro_batch: int = 4, max_length: int = 128,
+            subjects: Sequence[str | None] | None = None) -> TokenBatch:
     """Tokenise (prompt, answer) or (prompt, answer, foil) tuples into one padded TokenBatch (module docstring).
 
     Rows are stably sorted by input length, then grouped in micro-batches of `micro_batch` rows. A foil of None means
-    no foil. Raises ValueError, naming the prompt, when a prompt or answer tokenises to nothing or a sequence is
-    longer than max_length.
+    no foil. subjects: one per tuple (or None), marks `subject_mask`. Raises ValueError, naming the prompt, when a
+    prompt or answer tokenises to nothing or a sequence is longer than max_length.
     """
     if not pairs:
         raise ValueError("collate: no tuples given")
@@ -168,6 +224,7 @@ def collate(tokenizer: Any, pairs: Sequence[tuple], micro_batch: int = 4, max_le
         # Only the first min(L, L_f) foil tokens sit on answer positions; the rest cannot be compared.
         foil_rows.append([IGNORE_INDEX] * (len(p) - 1) + f[:len(a)])
 
+    subject_at = subject_positions(tokenizer, prompts, subjects, p_ids) if subjects is not None else None
     order = sorted(range(len(pairs)), key=lambda i: len(inputs[i]))  # list.sort is stable
     width = max(len(x) for x in inputs)
     pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
@@ -176,6 +233,7 @@ def collate(tokenizer: Any, pairs: Sequence[tuple], micro_batch: int = 4, max_le
     attention = torch.zeros((n, width), dtype=torch.long)
     label_t = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
     foil_t = torch.full((n, width), IGNORE_INDEX, dtype=torch.long) if any(has_foil) else None
+    subject_t = torch.zeros((n, width), dtype=torch.bool) if subject_at is not None else None
     for row, i in enumerate(order):  # one Python step per row, not per token
         length = len(inputs[i])
         input_ids[row, :length] = torch.tensor(inputs[i], dtype=torch.long)
@@ -183,6 +241,8 @@ def collate(tokenizer: Any, pairs: Sequence[tuple], micro_batch: int = 4, max_le
         label_t[row, :length] = torch.tensor(labels[i], dtype=torch.long)
         if foil_t is not None and foil_rows[i]:
             foil_t[row, :len(foil_rows[i])] = torch.tensor(foil_rows[i], dtype=torch.long)
+        if subject_t is not None and subject_at[i] is not None:
+            subject_t[row, subject_at[i]] = True
     return TokenBatch(
         input_ids=input_ids,
         attention_mask=attention,
@@ -190,6 +250,7 @@ def collate(tokenizer: Any, pairs: Sequence[tuple], micro_batch: int = 4, max_le
         micro_batch=torch.arange(n, dtype=torch.long) // micro_batch,
         order=torch.tensor(order, dtype=torch.long),
         foil_labels=foil_t,
+        subject_mask=subject_t,
     )
 
 

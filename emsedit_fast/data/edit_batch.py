@@ -1,6 +1,6 @@
 """An edit batch tokenised into the three views the editors and the trainer use.
 
-    edit   (prompt, target_new)                    caching passes (what the editor edits)
+    edit   (prompt, target_new), subject marked    caching passes (what the editor edits)
     equiv  (first rephrase, target_new)            the meta-training edit loss
     unrel  (first locality prompt, its answer)     the KL locality loss (absent when records carry no locality)
 """
@@ -44,12 +44,16 @@ def tokenize_batch(tokenizer, records: Sequence[EditRecord], micro_batch: int = 
         raise ValueError("an edit batch needs at least one record")
 
     def view(which):
+        # the edit prompts carry their subject's position (editor.key_positions "subject" reads keys there)
+        def subjects(rs):
+            return [r.subject for r in rs] if which == "edit" else None
+
         try:
-            return collate(tokenizer, _pairs(records, which), micro_batch, max_length).to(device)
+            return collate(tokenizer, _pairs(records, which), micro_batch, max_length, subjects(records)).to(device)
         except ValueError:  # name the record: redo each alone (only on this error path)
             for r in records:
                 try:
-                    collate(tokenizer, _pairs([r], which), micro_batch, max_length)
+                    collate(tokenizer, _pairs([r], which), micro_batch, max_length, subjects([r]))
                 except ValueError as err:
                     raise ValueError(f"record {r.case_id!r} ({which} tuple): {err}") from None
             raise

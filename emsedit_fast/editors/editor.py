@@ -184,9 +184,13 @@ class Editor(nn.Module):
         return ops.choose_form(n_rows, d_in, self.cfg.solve_form)
 
     def capture(self, batch, reduction: Reduction = "sum_of_microbatch_means") -> Capture:
-        """Caching pass on the current weights: answer-position keys and value-grads of every edited module."""
+        """Caching pass on the current weights: keys and value-grads of every edited module at the positions
+        editor.key_positions names (`TokenBatch.positions`; the subject choices need batches tokenised with their
+        records' subjects, as `tokenize_batch` does)."""
+        where = self.cfg.key_positions
         return capture(self.model, self.modules_, batch.input_ids, batch.attention_mask, batch.labels,
-                       batch.micro_batch, "answer", reduction, device=self.device)
+                       batch.micro_batch, "answer", reduction, device=self.device,
+                       positions=None if where == "answer" else batch.positions(where))
 
     def normaliser_state(self) -> dict[str, torch.Tensor]:
         """A copy of every hypernetwork's running-normaliser buffers (count, mean, var, std), by state_dict key."""
@@ -217,14 +221,14 @@ class Editor(nn.Module):
     # key prior
 
     @torch.no_grad()
-    def fit_key_prior(self, batches, *, max_tokens: int | None = None, answer_only: bool = False) -> int:
-        """Estimate Sigma_l = E[x x^T] over the keys of every edited module at all non-pad positions of `batches`
-        (TokenBatch-like: input_ids, attention_mask; labels with answer_only, which keeps only the answer positions),
-        replacing earlier statistics. Returns the tokens used."""
+    def fit_key_prior(self, batches, *, max_tokens: int | None = None, positions: str = "all") -> int:
+        """Estimate Sigma_l = E[x x^T] over the keys of every edited module at the `positions` of `batches`
+        (TokenBatches; "all" non-pad tokens, or a `TokenBatch.positions` choice), replacing earlier statistics.
+        Returns the tokens used."""
         if self.prior is None or self.cfg.key_prior <= 0:
             raise ValueError("fit_key_prior: editor.key_prior is 0 (no key prior configured)")
         moments, tokens = key_second_moments(self.model, self.modules_, batches, max_tokens=max_tokens,
-                                             answer_only=answer_only)
+                                             positions=positions)
         self.prior.fit(moments, tokens)
         log.info("key prior: second moments of %d tokens per edited module", tokens)
         return tokens

@@ -341,7 +341,7 @@ def capture(model: nn.Module, modules: Sequence[EditedModule], input_ids: torch.
             attention_mask: torch.Tensor | None, labels: torch.Tensor, micro_batch: torch.Tensor | None,
             token_mode: TokenMode = "answer", reduction: Reduction = "sum_of_microbatch_means", *,
             dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-            pin_memory: bool = False) -> Capture:
+            pin_memory: bool = False, positions: torch.Tensor | None = None) -> Capture:
     """Caching pass: keys U_ℓ and value-gradients Δ_ℓ of every edited module, one forward + backward.
 
         L_cache = Σ_b (1/|𝒫_b|) Σ_{t∈𝒫_b} −log softmax(logits_t)[labels_t]   (fp32; `reduction="mean"`: 1/|𝒫|)
@@ -352,13 +352,18 @@ def capture(model: nn.Module, modules: Sequence[EditedModule], input_ids: torch.
     input_ids: (B, T) int64. attention_mask: (B, T) or None. labels: (B, T) int64, pre-shifted, −100 off the answers.
     micro_batch: (B,) integer micro-batch id per row (None: one micro-batch). token_mode: "answer" caches the answer
     positions (labels ≠ −100), "all" every non-pad position (attention_mask ≠ 0); the loss is L_cache in both modes, so
-    with "all" Σ_j δ_j u_jᵀ is the full weight gradient of L_cache.
+    with "all" Σ_j δ_j u_jᵀ is the full weight gradient of L_cache. positions: (B, T) bool, the positions to cache in
+    place of token_mode's (e.g. `TokenBatch.positions("subject")`); the loss is L_cache all the same.
     dtype: cache dtype (fp32 default; the model dtype is allowed). device: cache device (default: where
     each module's activations live); pin_memory: pinned host buffers when caching device activations on the CPU.
     Mutates nothing visible: requires_grad flags are restored, no `.grad` is written, hooks are removed, and the
     model's train/eval mode is left as the caller set it.
     """
     select = selection_mask(labels, attention_mask, token_mode)
+    if positions is not None:
+        if tuple(positions.shape) != tuple(select.shape):
+            raise ValueError(f"positions must be {tuple(select.shape)}, got {tuple(positions.shape)}")
+        select = positions.to(select.device).bool()
     if tuple(labels.shape) != tuple(input_ids.shape):
         raise ValueError(f"labels {tuple(labels.shape)} and input_ids {tuple(input_ids.shape)} must match")
     if micro_batch is not None and tuple(micro_batch.shape) != (input_ids.shape[0],):
@@ -406,14 +411,18 @@ def factored_weight_grads(model: nn.Module, modules: Sequence[EditedModule], inp
     return FactoredGrads(inputs=inputs, output_grads=grads, loss=loss, n_rows=n)
 
 
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once everything it needs has been read."""
+
+
 @torch.no_grad()
 def key_second_moments(model: nn.Module, modules: Sequence[EditedModule], batches, *,
-                       max_tokens: int | None = None, answer_only: bool = False
+                       max_tokens: int | None = None, positions: str = "all"
                        ) -> tuple[dict[str, torch.Tensor], int]:
-    """Sigma_l = (1/N) sum_t x_t x_t^T (d_in, d_in) fp32 over the inputs x_t of every edited module at all N non-pad
-    positions of `batches` (objects with input_ids (B, T) and attention_mask (B, T)), accumulated in fp64.
-    answer_only: only the N answer positions (labels (B, T) != -100, pre-shifted: the positions that predict the
-    answer, where capture reads an edit's keys).
+    """Sigma_l = (1/N) sum_t x_t x_t^T (d_in, d_in) fp32 over the inputs x_t of every edited module at the N chosen
+    positions of `batches` (TokenBatch: input_ids and attention_mask (B, T); `positions(which)` for any choice but
+    "all"), accumulated in fp64. positions: "all" non-pad tokens, "answer" the positions that predict an answer
+    (labels pre-shifted: where capture reads an edit's keys), or a subject choice (`TokenBatch.positions`).
 
     These are the statistics of the key prior (docs/method.md, "Ridge least squares"): the directions ordinary
     inputs occupy. max_tokens stops after about that many tokens. Returns ({module name: Sigma_l}, N).
@@ -421,18 +430,32 @@ def key_second_moments(model: nn.Module, modules: Sequence[EditedModule], batche
     _check_modules(model, modules)
     sums = {m.name: torch.zeros(m.d_in, m.d_in, dtype=torch.float64, device=m.weight.device) for m in modules}
     seen: dict[str, torch.Tensor] = {}
-    handles = [m.module.register_forward_hook(
-        lambda mod, args, out, name=m.name: seen.__setitem__(name, args[0])) for m in modules]
+
+    def record(name):
+        def hook(mod, args, out):
+            seen[name] = args[0]
+            if len(seen) == len(modules):  # every input is in: the layers above and the head are not needed
+                raise _StopForward
+        return hook
+
+    handles = [m.module.register_forward_hook(record(m.name)) for m in modules]
     tokens = 0
     try:
         for batch in batches:
             kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
             if getattr(getattr(model, "config", None), "use_cache", None) is not None:
                 kwargs["use_cache"] = False
-            model(**kwargs)
+            seen.clear()
+            try:
+                model(**kwargs)
+            except _StopForward:
+                pass
+            if len(seen) != len(modules):
+                missing = sorted({m.name for m in modules} - set(seen))
+                raise RuntimeError(f"key_second_moments: edited modules {missing} were not called by the forward pass")
             mask = batch.attention_mask.bool()
-            if answer_only:
-                mask = mask & (batch.labels != IGNORE_INDEX)
+            if positions != "all":
+                mask = mask & batch.positions(positions)
             for m in modules:
                 x = seen[m.name][mask.to(seen[m.name].device)].double()  # (N_b, d_in)
                 sums[m.name] += x.t() @ x
@@ -443,5 +466,5 @@ def key_second_moments(model: nn.Module, modules: Sequence[EditedModule], batche
         for h in handles:
             h.remove()
     if tokens == 0:
-        raise ValueError("key_second_moments: the batches hold no " + ("answer positions" if answer_only else "tokens"))
+        raise ValueError(f"key_second_moments: the batches hold no tokens at positions {positions!r}")
     return {name: (s / tokens).float() for name, s in sums.items()}, tokens

@@ -151,6 +151,42 @@ def test_collate_foil_labels(tok):
         assert all(x == IGNORE_INDEX for j, x in enumerate(foil_row) if not start <= j < start + m)
 
 
+def test_collate_subject_mask_marks_the_last_subject_token(tok):
+    pairs = [("The mother tongue of Danielle Darrieux is", "French"), ("Paris is a city in", "France"),
+             ("The currency of Japan is the", "yen"), ("Lyon is a city in", "France")]
+    subjects = ["Danielle Darrieux", "Paris", "Germany", None]  # the third is not in its prompt
+    batch = collate(tok, pairs, micro_batch=2, subjects=subjects)
+    assert batch.subject_mask is not None and batch.subject_mask.dtype == torch.bool
+    for row, i in enumerate(batch.order.tolist()):
+        marked = batch.subject_mask[row].nonzero().flatten().tolist()
+        if i >= 2:
+            assert marked == []
+            continue
+        # the marked token ends the subject: the prompt's tokens up to it decode to the text up to the subject's end
+        assert len(marked) == 1
+        end = pairs[i][0].index(subjects[i]) + len(subjects[i])
+        assert tok.decode(batch.input_ids[row, 1:marked[0] + 1]) == pairs[i][0][:end]
+        assert batch.labels[row, marked[0]].item() == IGNORE_INDEX  # inside the prompt, not an answer position
+    # micro-batches and device moves carry the mask
+    parts = list(batch.micro_batches())
+    assert torch.equal(torch.cat([p.subject_mask.any(1) for p in parts]), batch.subject_mask.any(1))
+    assert torch.equal(batch.to("cpu").subject_mask, batch.subject_mask)
+    # the position choices: "subject" falls back to the answer positions where the prompt names no subject
+    answer, subject = batch.answer_mask, batch.subject_mask
+    named = subject.any(1)
+    assert named.sum() == 2
+    assert torch.equal(batch.positions("answer"), answer)
+    assert torch.equal(batch.positions("all"), batch.attention_mask.bool())
+    assert torch.equal(batch.positions("answer_subject"), answer | subject)
+    chosen = batch.positions("subject")
+    assert torch.equal(chosen[named], subject[named]) and torch.equal(chosen[~named], answer[~named])
+    assert collate(tok, pairs).subject_mask is None
+    with pytest.raises(ValueError, match="tokenised with its subjects"):
+        collate(tok, pairs).positions("subject")
+    with pytest.raises(ValueError, match="3 subjects for 4 tuples"):
+        collate(tok, pairs, subjects=subjects[:3])
+
+
 def test_pad_id_defaults_to_zero_and_no_bos():
     tok = byte_level_bpe(bos=False, pad=False)
     assert tok.pad_token_id is None

@@ -143,6 +143,33 @@ def test_answer_rows_and_identical_row_order(arch):
         torch.testing.assert_close(cap.keys[m.name], full.keys[m.name][at], rtol=0, atol=0)
 
 
+def test_chosen_positions_give_rows_in_row_order_and_leave_the_loss():
+    model = tiny_llama()
+    modules = resolve_modules(model, ALL_MLP["llama"])
+    batch = make_batch(PAIRS)
+    extra = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
+    extra[0, 3] = extra[2, 1] = extra[5, 4] = True  # e.g. the subjects' last tokens, inside the prompts
+    answer = batch.labels != IGNORE_INDEX
+    plain = capture(model, modules, batch.input_ids, batch.attention_mask, batch.labels, batch.micro_batch)
+    full = capture(model, modules, batch.input_ids, batch.attention_mask, batch.labels, batch.micro_batch,
+                   token_mode="all")
+    for chosen in (answer | extra, extra):
+        cap = capture(model, modules, batch.input_ids, batch.attention_mask, batch.labels, batch.micro_batch,
+                      positions=chosen)
+        rows, pos = chosen.nonzero(as_tuple=True)
+        assert cap.n_rows == int(chosen.sum())
+        assert torch.equal(cap.rows, rows) and torch.equal(cap.positions, pos)
+        assert cap.loss == plain.loss
+        at = chosen[batch.attention_mask.bool()].nonzero().squeeze(1)
+        for m in modules:  # the same keys and value-gradients the all-position pass has there
+            torch.testing.assert_close(cap.keys[m.name], full.keys[m.name][at], rtol=0, atol=0)
+            torch.testing.assert_close(cap.value_grads[m.name], full.value_grads[m.name][at], rtol=0, atol=0)
+        assert cap.value_grads[modules[0].name][~answer[rows, pos]].abs().sum() > 0  # prompt tokens carry gradient
+    with pytest.raises(ValueError, match="positions must be"):
+        capture(model, modules, batch.input_ids, batch.attention_mask, batch.labels, batch.micro_batch,
+                positions=extra[:, :2])
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_one_pass_over_micro_batches_equals_separate_passes(arch):
     model = _build(arch)
@@ -286,29 +313,34 @@ def test_capture_bf16_model_gives_fp32_rows():
     assert same.keys[modules[0].name].dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("answer_only", [False, True])
-def test_key_second_moments_are_the_mean_outer_product_of_the_chosen_positions(answer_only):
-    """Sigma_l = (1/N) sum_t x_t x_t^T over every non-pad position, or (answer_only) over exactly the positions
-    whose keys the capture reads: the same rows as `capture`'s keys, so the prior describes what an edit touches."""
+SUBJECTS = ["Danielle Darrieux", "France", "Leo Tolstoy", "Japan", None, "Marie Curie"]
+
+
+@pytest.mark.parametrize("positions", ["all", "answer", "answer_subject"])
+def test_key_second_moments_are_the_mean_outer_product_of_the_chosen_positions(positions):
+    """Sigma_l = (1/N) sum_t x_t x_t^T over every non-pad position, or over exactly the positions whose keys the
+    capture reads with the same choice: the same rows as `capture`'s keys, so the prior describes what an edit
+    touches."""
+    from emsedit_fast.data.collate import collate
     from emsedit_fast.models.hooks import key_second_moments
 
     model = tiny_llama()
     modules = resolve_modules(model, ALL_MLP["llama"])
-    batch = make_batch(PAIRS)
-    halves = [SimpleNamespace(input_ids=batch.input_ids[i:i + 3], attention_mask=batch.attention_mask[i:i + 3],
-                              labels=batch.labels[i:i + 3]) for i in (0, 3)]
-    moments, tokens = key_second_moments(model, modules, halves, answer_only=answer_only)
+    batch = collate(tiny_tokenizer(), PAIRS, micro_batch=3, subjects=SUBJECTS)
+    moments, tokens = key_second_moments(model, modules, batch.micro_batches(), positions=positions)
+    chosen = batch.positions(positions)
     cap = capture(model, modules, batch.input_ids, batch.attention_mask, batch.labels, batch.micro_batch,
-                  token_mode="answer" if answer_only else "all")
-    expected_tokens = int((batch.labels != IGNORE_INDEX).sum() if answer_only else batch.attention_mask.sum())
-    assert tokens == cap.n_rows == expected_tokens
+                  positions=chosen)
+    assert tokens == cap.n_rows == int(chosen.sum())
+    if positions == "answer_subject":  # five of the six prompts name their subject
+        assert tokens == int(batch.answer_mask.sum()) + 5
     for m in modules:
         x = cap.keys[m.name].double()
         torch.testing.assert_close(moments[m.name].double(), x.t() @ x / tokens, rtol=1e-5, atol=1e-6)
-    if answer_only:  # fewer positions, a different matrix: the option is not a no-op
-        everything, _ = key_second_moments(model, modules, halves)
+    if positions != "all":  # fewer positions, a different matrix: the option is not a no-op
+        everything, _ = key_second_moments(model, modules, batch.micro_batches())
         assert not torch.allclose(everything[modules[0].name], moments[modules[0].name])
-        no_answer = SimpleNamespace(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                    labels=torch.full_like(batch.labels, IGNORE_INDEX))
-        with pytest.raises(ValueError, match="no answer positions"):
-            key_second_moments(model, modules, [no_answer], answer_only=True)
+    no_answer = collate(tiny_tokenizer(), PAIRS[:2])
+    no_answer.labels.fill_(IGNORE_INDEX)
+    with pytest.raises(ValueError, match="no tokens at positions 'answer'"):
+        key_second_moments(model, modules, [no_answer], positions="answer")
