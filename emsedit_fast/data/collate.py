@@ -174,8 +174,9 @@ def subject_positions(tokenizer: Any, prompts: Sequence[str], subjects: Sequence
     for i, (prompt, subject) in enumerate(zip(prompts, subjects)):
         if subject is not None and not isinstance(subject, str):
             raise ValueError(f"collate: subject {i} must be a string or None, got {subject!r}")
-        at = prompt.find(subject.strip()) if subject and subject.strip() else -1
-        ends.append(at + len(subject.strip()) if at >= 0 else None)
+        name = (subject or "").strip()
+        at = prompt.find(name) if name else -1
+        ends.append(at + len(name) if at >= 0 else None)
     found = [i for i, end in enumerate(ends) if end is not None]
     prefixes = _tokens(tokenizer, [prompts[i][:ends[i]] for i in found], True)
     out: list[int | None] = [None] * len(prompts)
