@@ -101,6 +101,14 @@ class TrainConfig:
     edit_coef: float = 1.0
     loc_coef: float = 0.6  # KL weight
     reg_coef: float = 0.5  # c in c * sum_l ||W_l - W_l^0||_F^2 (applied once in every mode)
+    # sequential mode: what the drift penalty measures from. "original": W0, so the penalty (and its gradient, which
+    # every step's networks receive) carries every earlier edit of the sequence, as published; "pre_batch": the
+    # weights before this batch, so it is the norm of this batch's own K steps (kept factored).
+    drift_reference: Literal["original", "pre_batch"] = "original"
+    # the drift penalty's metric: "identity" (c ||D||_F^2, as published) or "keys", c tr(D Sigma D^T) = c E_x ||D x||^2
+    # with Sigma the key prior's second moment of the layer's ordinary inputs (needs editor.key_prior > 0): the
+    # expected squared change of the layer's output on ordinary prompts rather than the size of the change
+    drift_metric: Literal["identity", "keys"] = "identity"
     shift_reg: float = 1e-4  # RLEdit's r_S on ||S_k||_F^2 (rledit_decay only)
     back_depth: int = 10  # RLEdit: batches in the decayed loss
     time_decay: float = 0.95

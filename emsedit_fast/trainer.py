@@ -2,7 +2,8 @@
 
 Sequential, per training batch E_t (the model is never reset between batches):
     for k = 1..K:  capture on the current W; predict with phi_k; apply dW_k permanently
-    L = loss(E_t; W) (+ c ||W - W0||^2, or KL, or RLEdit's decayed loss over the last B batches)
+    L = loss(E_t; W) (+ c ||W - W0||^2, or c ||W - W_{t-1}||^2 with drift_reference pre_batch, or KL, or RLEdit's
+        decayed loss over the last B batches)
         (+ retain_coef * mean_{s in R_t} CE(E_s; W): R_t = retain_batches earlier batches of the current sequence,
         drawn at random, so that the step learns to keep the edits before it; off by default)
     G = dL/dW (factored); push G through every step's aggregation into phi_1..phi_K; clip; Adam step
@@ -27,11 +28,13 @@ import torch
 
 from emsedit_fast import ops
 from emsedit_fast.callbacks import Callback
+from emsedit_fast.config import ConfigError
 from emsedit_fast.config import TrainConfig
 from emsedit_fast.editors import Editor
 from emsedit_fast.editors import EditRefused
 from emsedit_fast.editors import WeightGrad
 from emsedit_fast.editors.weight_grad import drift_sq_norm
+from emsedit_fast.editors.weight_grad import lowrank_drift_sq_norm
 from emsedit_fast.losses import answer_ce
 from emsedit_fast.losses import answer_kl
 from emsedit_fast.models.hooks import FactoredGrads
@@ -82,6 +85,9 @@ class MetaTrainer:
         self.editor = editor
         self.cfg = cfg
         self.callbacks = list(callbacks)
+        if cfg.drift_metric == "keys" and cfg.reg_coef and (editor.prior is None or editor.cfg.key_prior <= 0):
+            raise ConfigError("train.drift_metric: 'keys' weighs the drift by the key prior's Sigma; set "
+                              "editor.key_prior > 0 (or use drift_metric 'identity')")
         self.optimizer = build_optimizer(editor, cfg)
         self.step = 0  # training batches completed
         self.report = TrainReport()
@@ -115,15 +121,17 @@ class MetaTrainer:
             return torch.arange(unrel.input_ids.shape[1], device=unrel.input_ids.device)
         return answer_positions(unrel.labels)
 
-    def weight_grads(self, terms: list[tuple[float, object, torch.Tensor | None]], drift_steps: list | None = None
-                     ) -> tuple[float, dict[str, WeightGrad]]:
+    def weight_grads(self, terms: list[tuple[float, object, torch.Tensor | None]], drift_steps: list | None = None,
+                     drift_base: list[torch.Tensor] | None = None) -> tuple[float, dict[str, WeightGrad]]:
         """dL/dW for every edited module, factored, for L = sum_terms w (edit_coef [CE(equiv) + edit_prompt_coef
         CE(edit)] + loc_coef KL(unrel))
         + reg_coef sum_l ||W_l - W_l^0||^2 (loss 'l2'). terms: (weight, tuples, reference logits or None).
 
-        drift_steps: the StepRecords applied since W0 when the drift W - W0 is exactly their sum (batch mode); the
-        drift term then stays factored. None: the drift has accumulated over many edits (sequential mode) and is
-        streamed from W and W0 in row blocks."""
+        drift_steps: the StepRecords applied since the drift's reference when the drift is exactly their sum (batch
+        mode; sequential mode with drift_reference pre_batch); the drift term then stays factored. None: the drift has
+        accumulated over many edits (sequential mode, reference W0) and is streamed from W and W0 in row blocks.
+        drift_base: the weights the drift is measured from when it is not W0 (pre_batch: the weights before this
+        batch); a dense (primal) step's drift is then streamed from W and these."""
         cfg, editor = self.cfg, self.editor
         modules = editor.modules_
         parts: list[FactoredGrads] = []
@@ -157,7 +165,7 @@ class MetaTrainer:
         coef = cfg.reg_coef if cfg.loss == "l2" else 0.0
         factors: dict[str, list] = {}
         # the batch mode restores W0 before the meta-gradient reads the drift: a dense drift must be a copy then
-        copy_weights = drift_steps is not None
+        copy_weights = drift_steps is not None and drift_base is None
         if coef and drift_steps is not None and all(gs.update.low_rank for rec in drift_steps for gs in rec.groups):
             copy_weights = False
             for rec in drift_steps:
@@ -166,20 +174,23 @@ class MetaTrainer:
                         factors.setdefault(name, []).append(gs.update.layer_delta(i))
         else:
             drift_steps = None  # primal (dense) steps: stream the drift from W and W0
+        # the penalty's metric Q per layer: Sigma of the key prior (drift_metric keys), else the identity
+        metrics = editor.prior.key_moments() if coef and cfg.drift_metric == "keys" else {}
         grads = {}
         to = editor.device  # the model may sit on another device than the hypernetworks
-        for m, w0 in zip(modules, editor.base):
+        for m, w0 in zip(modules, drift_base if drift_base is not None else editor.base):
             wg = WeightGrad(merged.inputs[m.name].float().to(to), merged.output_grads[m.name].float().to(to),
                             d_out=m.d_out)
             if coef:
                 wg.drift_coef = coef
+                wg.drift_metric = metrics.get(m.name)
                 if drift_steps is not None:  # W - W0 = sum_i M_i^T K_i exactly (up to the weights' rounding)
                     wg.drift_factors = [(b.t(), a) for b, a in factors.get(m.name, [])]
-                    loss += coef * sum(_lowrank_sq_norm(b, a) for b, a in factors.get(m.name, []))
+                    loss += coef * lowrank_drift_sq_norm(factors.get(m.name, []), wg.drift_metric)
                 else:
                     weight = m.weight.detach().clone() if copy_weights else m.weight.detach()
                     wg.drift_weights = (weight, w0, m.transposed)
-                    loss += coef * drift_sq_norm(weight, w0)
+                    loss += coef * drift_sq_norm(weight, w0, metric=wg.drift_metric, transposed=m.transposed)
             grads[m.name] = wg
         return loss, grads
 
@@ -285,7 +296,7 @@ class MetaTrainer:
         stats = editor.normaliser_state()
         kept = list(recent)
         try:
-            return self._sequential_batch_steps(tuples, ref, recent, retained)
+            return self._sequential_batch_steps(tuples, ref, recent, retained, weights)
         except EditRefused:
             ops.restore_(editor.weights(), weights, backend=editor.backend)
             editor.load_normaliser_state(stats)
@@ -293,7 +304,7 @@ class MetaTrainer:
             recent.extend(kept)
             raise
 
-    def _sequential_batch_steps(self, tuples, ref, recent, retained=()) -> float:
+    def _sequential_batch_steps(self, tuples, ref, recent, retained=(), before=None) -> float:
         cfg, editor = self.cfg, self.editor
         records = self._apply_steps(tuples, range(editor.cfg.n_steps))
         recent.appendleft((tuples, ref))
@@ -302,7 +313,10 @@ class MetaTrainer:
         else:
             # the retained batches' edits are already in W: their CE at the current W is what this step may spoil
             terms = [(1.0, tuples, ref)] + [(cfg.retain_coef / len(retained), tup, None) for tup in retained]
-        loss, grads = self.weight_grads(terms)
+        if cfg.drift_reference == "pre_batch":  # c ||W - W_before||^2: this batch's own K steps, factored
+            loss, grads = self.weight_grads(terms, records, before)
+        else:  # c ||W - W0||^2: every edit of the sequence so far
+            loss, grads = self.weight_grads(terms)
         if not math.isfinite(loss):
             raise EditRefused(f"non-finite meta-loss {loss}")
         editor.meta_backward(records, grads, shift_reg=cfg.shift_reg if cfg.loss == "rledit_decay" else 0.0)
@@ -377,7 +391,3 @@ class MetaTrainer:
                 ref = values.to(tuples.unrel.labels.device)
             self.recent.append((tuples, ref))
 
-
-def _lowrank_sq_norm(b: torch.Tensor, a: torch.Tensor) -> float:
-    """||B A||_F^2 for B (d_out, n), A (n, d_in) via the n x n Gram matrices."""
-    return float(((b.t() @ b) * (a @ a.t())).sum().clamp_min(0))

@@ -113,6 +113,11 @@ class KeyPrior(nn.Module):
         return {name: getattr(self, f"edit_moment_{g}")[i].detach().clone()
                 for g, names in enumerate(self.names) for i, name in enumerate(names)}
 
+    def key_moments(self) -> dict[str, torch.Tensor]:
+        """{layer name: Sigma (d_in, d_in)}, views of the fitted statistics (the drift penalty's metric)."""
+        return {name: getattr(self, f"key_moment_{g}")[i]
+                for g, names in enumerate(self.names) for i, name in enumerate(names)}
+
     def _cholesky(self, g: int) -> torch.Tensor:
         """L (m, d_in, d_in), C = L L^T = I + gamma Sigma + gamma_e E in fp64 (cached until the statistics change)."""
         if g not in self._factors:

@@ -1,7 +1,10 @@
 """dL/dW of the meta-loss for every edited weight, kept factored, as the meta-gradient consumes it.
 
-G_l = Delta'^T X' + 2 c (W_l - W_l^0)  (linear orientation, d_out x d_in) is never formed densely: the meta-gradient
-only needs K G^T for row blocks K of keys (the dual form) or, for the primal form, G^T itself.
+G_l = Delta'^T X' + 2 c (W_l - W_l^0) Q  (linear orientation, d_out x d_in) is never formed densely: the meta-gradient
+only needs K G^T for row blocks K of keys (the dual form) or, for the primal form, G^T itself. Q is the drift
+penalty's metric: the identity (c ||D||_F^2, D = W - W0) or the key second moment Sigma = E[x x^T] of the layer's
+ordinary inputs (c tr(D Sigma D^T) = c E_x ||D x||^2: the expected squared change of the layer's output on ordinary
+inputs, the quantity that unrelated predictions feel).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ class WeightGrad:
     """dL/dW_l in linear orientation (d_out, d_in), kept factored: G = Delta'^T X' + 2 c (W - W0).
 
     inputs X' (T, d_in) and output_grads Delta' (T, d_out): the meta-loss pass's rows (None: no such term).
-    The drift term 2 c (W - W0) (the l2 penalty c ||W - W0||^2) is held as either
+    The drift term 2 c (W - W0) Q (the penalty c tr(D Q D^T), Q = drift_metric (d_in, d_in) symmetric, or the
+    identity when None) is held as either
       drift_factors: [(M_i (n_i, d_out), K_i (n_i, d_in))] with W - W0 = sum_i M_i^T K_i (the updates applied since
                      W0, when they are few: batch mode), or
       drift_weights: (W, W0, transposed) in storage layout, streamed in row blocks (the sequential mode, where the
@@ -28,6 +32,7 @@ class WeightGrad:
     drift_coef: float = 0.0
     drift_factors: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     drift_weights: tuple[torch.Tensor, torch.Tensor, bool] | None = None
+    drift_metric: torch.Tensor | None = None
     d_out: int = 0
 
     def times_keys(self, keys: torch.Tensor) -> torch.Tensor:
@@ -35,6 +40,8 @@ class WeightGrad:
         out = torch.zeros(keys.shape[0], self.d_out, device=keys.device)
         if self.inputs is not None:
             out += (keys @ self.inputs.t()) @ self.output_grads  # (n x T)(T x d_out)
+        if self.drift_coef and self.drift_metric is not None:
+            keys = keys @ self.drift_metric.to(keys.device)  # K (D Q)^T = (K Q) D^T, Q symmetric
         if self.drift_coef and self.drift_factors:
             for m, k in self.drift_factors:
                 out += (2 * self.drift_coef) * ((keys @ k.t()) @ m)
@@ -55,6 +62,8 @@ class WeightGrad:
                 w, w0, transposed = self.drift_weights
                 d = (w.float() - w0.float())
                 drift = d if transposed else d.t()
+            if self.drift_metric is not None:  # (D Q)^T = Q D^T
+                drift = self.drift_metric.to(drift.device) @ drift
             drift = (2 * self.drift_coef) * drift.to(out.device if out is not None else drift.device)
             out = drift if out is None else out + drift
         return out
@@ -73,10 +82,31 @@ def _drift_times_keys(w: torch.Tensor, w0: torch.Tensor, transposed: bool, keys:
     return torch.cat(parts, 1)
 
 
-def drift_sq_norm(w: torch.Tensor, w0: torch.Tensor, block: int = 1024) -> float:
-    """||W - W0||_F^2 in fp64, streaming row blocks (no dense fp32 copy of the whole difference)."""
+def drift_sq_norm(w: torch.Tensor, w0: torch.Tensor, block: int = 1024, *, metric: torch.Tensor | None = None,
+                  transposed: bool = False) -> float:
+    """tr(D Q D^T) for D = W - W0 in linear orientation (||D||_F^2 when metric Q is None) in fp64, streaming blocks
+    (no dense copy of the whole difference). transposed: W is stored (d_in, d_out) (GPT-2 Conv1D)."""
     total = 0.0
-    for lo in range(0, w.shape[0], block):
+    q = None if metric is None else metric.double().to(w.device)
+    if q is not None and transposed:  # columns j of the stored (d_in, d_out) difference: d_j^T Q d_j
+        for lo in range(0, w.shape[1], block):
+            d = w[:, lo:lo + block].double() - w0[:, lo:lo + block].double()
+            total += float(((q @ d) * d).sum())
+        return total
+    for lo in range(0, w.shape[0], block):  # rows of D (or of D^T for the plain norm, which is the same)
         d = w[lo:lo + block].double() - w0[lo:lo + block].double()
-        total += float((d * d).sum())
+        total += float(((d @ q) * d).sum() if q is not None else (d * d).sum())
     return total
+
+
+def lowrank_drift_sq_norm(factors: list[tuple[torch.Tensor, torch.Tensor]], metric: torch.Tensor | None = None
+                          ) -> float:
+    """tr(D Q D^T) for D = sum_i B_i A_i, B_i (d_out, n_i), A_i (n_i, d_in), via the stacked factors' Gram matrices:
+    with B = [B_1 .. B_k], A = [A_1; ..; A_k], tr(B A Q A^T B^T) = <B^T B, A Q A^T> (sum n_i squared work; the cross
+    terms between steps included)."""
+    if not factors:
+        return 0.0
+    b = torch.cat([f[0] for f in factors], 1).double()
+    a = torch.cat([f[1] for f in factors], 0).double()
+    aqa = a @ a.t() if metric is None else a @ metric.double().to(a.device) @ a.t()
+    return float(((b.t() @ b) * aqa).sum().clamp_min(0))
