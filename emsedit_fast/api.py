@@ -220,6 +220,10 @@ def train(session: Session, records: list[EditRecord] | None = None, *, trainer=
             point = {"step": step, "fraction": step / len(batches),
                      **{k: m[k] for k in ("es", "gs", "ls", "ls_gold", "ls_agree", "ps") if k in m}}
             trainer.report.curve.append(point)
+            if cfg.train.keep == "best":
+                score = selection_score(point)
+                if trainer.best is None or score > trainer.best["score"]:
+                    trainer.best = {"step": step, "score": score, "state": session.editor.editor_state()}
             log.info("validation after %d/%d batches: %s", step, len(batches),
                      ", ".join(f"{k}={v:.2f}" for k, v in point.items() if isinstance(v, float)))
 
@@ -236,7 +240,24 @@ def train(session: Session, records: list[EditRecord] | None = None, *, trainer=
     finally:
         if points:
             trainer.callbacks.pop()
+    if cfg.train.keep == "best" and trainer.best is not None:
+        # the kept point's buffers hold the edit term of its training sequence: reset clears it (and restores W0)
+        session.editor.load_state_dict({k: v.to(session.editor.state_dict()[k].device)
+                                        for k, v in trainer.best["state"].items()})
+        session.editor.reset()
+        trainer.report.kept_step = trainer.best["step"]
+        log.info("train.keep best: kept the editor after %d of %d batches (validation mean of ES, GS, LS-agree "
+                 "%.2f)", trainer.best["step"], len(batches), trainer.best["score"])
     return trainer
+
+
+SELECTION_SCORES = ("es", "gs", "ls_agree")
+
+
+def selection_score(point: dict) -> float:
+    """What train.keep best maximises over the validation points: the mean of ES, GS and LS-agree (the three
+    columns every protocol reports; one point of each counts the same)."""
+    return sum(point[k] for k in SELECTION_SCORES) / len(SELECTION_SCORES)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -137,6 +137,9 @@ class TrainConfig:
     edit_prompt_coef: float = 0.0
     micro_batch: int = 4
     eval_every: float = 0.0  # validation during training: every N batches (N >= 1) or fraction of the run (< 1)
+    # which editor the run ends with: the "last" one, or the validation point (eval_every, the untrained editor
+    # included) with the highest mean of ES, GS and LS-agree ("best": early stopping on the validation split)
+    keep: Literal["last", "best"] = "last"
     prior_records: int = 300  # training records whose prompts estimate the key statistics (editor.key_prior)
     # which positions of those prompts: "all" tokens, only the "answer" positions, or those and the last token of the
     # record's subject in its edit and paraphrase prompts ("answer_subject")
@@ -151,6 +154,8 @@ class TrainConfig:
         _check(self.edit_prompt_coef >= 0, "train.edit_prompt_coef", "must be >= 0")
         _check(self.sequence_length >= 0, "train.sequence_length", "must be >= 0")
         _check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
+        _check(self.keep == "last" or self.eval_every > 0, "train.keep",
+               "'best' picks among validation points: set train.eval_every (--eval-every) too")
         _check(self.prior_records >= 1, "train.prior_records", "must be >= 1")
         _check(self.micro_batch >= 1, "train.micro_batch", "must be >= 1")
         _check(self.back_depth >= 1, "train.back_depth", "must be >= 1")
@@ -382,7 +387,8 @@ def add_run_arguments(parser, mode: bool = True) -> None:
 _FLAG_KEYS = {"steps": ("editor", "n_steps"), "backend": ("editor", "backend"), "model": ("model", "name"),
               "device": ("model", "device"), "dtype": ("model", "dtype"), "n_edits": ("data", "n_edits"),
               "n_batches": ("train", "n_batches"), "epochs": ("train", "epochs"),
-              "eval_every": ("train", "eval_every"), "eval_batches": ("data", "eval_batches"),
+              "eval_every": ("train", "eval_every"), "keep": ("train", "keep"),
+              "eval_batches": ("data", "eval_batches"),
               "train_data": ("data", "train"), "eval_data": ("data", "eval"), "output": (None, "output"),
               "seed": (None, "seed")}
 

@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=float, help="passes over the training split")
     parser.add_argument("--eval-every", type=float,
                         help="validate every N batches (N >= 1) or fraction of training (< 1): the learning curve")
+    parser.add_argument("--keep", choices=["last", "best"],
+                        help="end with the last editor or the best validation point of --eval-every (train.keep)")
     parser.add_argument("--eval-batches", type=int, help="T evaluation batches (sequential protocol)")
     parser.add_argument("--eval-slices", type=int, help="disjoint protocol slices to average the scores over")
     parser.add_argument("--baselines", help="also train these at the same budget, e.g. emsedit1,malmen,rledit "
@@ -112,7 +114,7 @@ def _run(args) -> int:
                    "train": {"batches": trainer.report.steps, "seconds": trainer.report.seconds,
                              "seconds_per_edit": trainer.report.seconds_per_edit, "skipped": trainer.report.skipped,
                              "final_loss": trainer.report.losses[-1] if trainer.report.losses else None,
-                             "validation_curve": trainer.report.curve}}
+                             "validation_curve": trainer.report.curve, "kept_step": trainer.report.kept_step}}
         if trainer.report.curve:
             results["learning_curve_plot"] = plot_learning_curve(trainer.report.curve, cfg.output,
                                                                  f"{cfg.editor.name} K={cfg.editor.n_steps}")

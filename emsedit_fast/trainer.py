@@ -53,6 +53,7 @@ class TrainReport:
     seconds: float = 0.0
     edits: int = 0
     curve: list[dict] = field(default_factory=list)  # validation points during training (api.train, eval_every)
+    kept_step: int | None = None  # train.keep best: the training step whose editor the run kept (0: untrained)
 
     @property
     def seconds_per_edit(self) -> float:
@@ -96,6 +97,8 @@ class MetaTrainer:
         # Called with the editor after each backward, before clipping: data-parallel training all-reduces here.
         self.reduce_grads = None
         self._refused: set[int] = set()  # training batches skipped in this process (never retained: not applied)
+        # train.keep best: {"step", "score", "state"} of the best validation point so far (api.train fills it)
+        self.best: dict | None = None
 
     # ---------------------------------------------------------------------------------------------------------------
     # losses and weight gradients
@@ -367,7 +370,10 @@ class MetaTrainer:
         return {"optimizer": self.optimizer.state_dict(), "step": self.step,
                 "report": {"steps": self.report.steps, "skipped": self.report.skipped,
                            "losses": list(self.report.losses), "seconds": self.report.seconds,
-                           "edits": self.report.edits, "curve": list(self.report.curve)},
+                           "edits": self.report.edits, "curve": list(self.report.curve),
+                           "kept_step": self.report.kept_step},
+                "best": None if self.best is None else {**self.best, "state": {k: v.cpu() for k, v in
+                                                                              self.best["state"].items()}},
                 "weights": [w.cpu().clone() for w in self.editor.weights()] if sequential and self.step else None,
                 "recent": recent}
 
@@ -375,6 +381,7 @@ class MetaTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.report = TrainReport(**state["report"])
+        self.best = state.get("best")
         if state.get("weights") is not None:
             ops.restore_(self.editor.weights(), [w.to(x.device) for w, x in zip(state["weights"],
                                                                                  self.editor.weights())])

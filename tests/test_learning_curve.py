@@ -37,3 +37,44 @@ def test_validating_during_training_leaves_training_unchanged():
     assert plain_state.keys() == curved_state.keys()
     assert all(torch.equal(plain_state[k], curved_state[k]) for k in plain_state)
     assert all(torch.equal(a, b) for a, b in zip(plain_weights, curved_weights))
+
+
+def _params(state):
+    return {k: v for k, v in state.items() if ".stats." not in k and "prior" not in k}
+
+
+def test_keep_best_ends_with_the_editor_of_the_best_validation_point(monkeypatch):
+    # make the middle point the best one, so that neither "last" nor "untrained" would pass
+    monkeypatch.setattr(api, "selection_score", lambda point: -abs(point["step"] - 3))
+    torch.manual_seed(0)
+    cfg = load("emsedit", mode="sequential", overrides=[
+        "model.name=tiny-llama", "editor.rank=8", "train.n_batches=6", "train.eval_every=0.5", "train.keep=best",
+        "data.n_edits=3", "data.eval_batches=2", "train.sequence_length=3", "editor.key_prior=100",
+        "editor.edit_prior=1"])
+    session = api.open_session(cfg)
+    api.fit_key_prior(session)
+    trainer = api.train(session, progress=False)
+    assert trainer.report.kept_step == 3 and [p["step"] for p in trainer.report.curve] == [0, 3, 6]
+    kept = session.editor.state_dict()
+    _, last, _ = _train(0)  # six batches, keep last
+    assert any(not torch.equal(kept[k], v) for k, v in _params(last).items())
+    # the kept editor is the one three batches of training give, statistics included; W0 and no edit term
+    torch.manual_seed(0)
+    short = load("emsedit", mode="sequential", overrides=[
+        "model.name=tiny-llama", "editor.rank=8", "train.n_batches=3", "data.n_edits=3", "data.eval_batches=2",
+        "train.sequence_length=3", "editor.key_prior=100", "editor.edit_prior=1"])
+    other = api.open_session(short)
+    api.fit_key_prior(other)
+    api.train(other, progress=False)
+    ref = other.editor.state_dict()
+    assert kept.keys() == ref.keys() and all(torch.equal(kept[k], ref[k]) for k in ref)
+    assert all(torch.equal(w, b) for w, b in zip(session.editor.weights(), session.editor.base))
+
+
+def test_keep_best_needs_validation_points():
+    import pytest
+
+    from emsedit_fast.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.keep"):
+        load("emsedit", mode="sequential", overrides=["train.keep=best"])
