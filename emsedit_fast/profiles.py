@@ -102,7 +102,7 @@ PLANS = {
         "model": {"name": "smollm2-135m"},
         "editor": {"key_positions": "subject", "key_prior": 30.0, "n_steps": 3},
         "train": {"n_batches": 80, "sequence_length": 10, "prior_positions": "answer_subject",
-                  "prior_records": 2000, "reg_coef": 0.03},
+                  "prior_records": 2000, "reg_coef": 0.03, "eval_every": 0.5, "keep": "best"},
         "data": {"n_edits": 20, "eval_batches": 10}}),
         eval_slices=4, train_label="CounterFact train (9,200 records)",
         valid_label="CounterFact validation (800 records of train)", eval_label="CounterFact val file"),
