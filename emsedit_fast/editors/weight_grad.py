@@ -16,15 +16,16 @@ import torch
 
 @dataclass
 class WeightGrad:
-    """dL/dW_l in linear orientation (d_out, d_in), kept factored: G = Delta'^T X' + 2 c (W - W0).
+    """dL/dW_l in linear orientation (d_out, d_in), kept factored: G = Delta'^T X' + 2 c D Q, D = W - W_ref.
 
     inputs X' (T, d_in) and output_grads Delta' (T, d_out): the meta-loss pass's rows (None: no such term).
-    The drift term 2 c (W - W0) Q (the penalty c tr(D Q D^T), Q = drift_metric (d_in, d_in) symmetric, or the
-    identity when None) is held as either
-      drift_factors: [(M_i (n_i, d_out), K_i (n_i, d_in))] with W - W0 = sum_i M_i^T K_i (the updates applied since
-                     W0, when they are few: batch mode), or
-      drift_weights: (W, W0, transposed) in storage layout, streamed in row blocks (the sequential mode, where the
-                     drift has accumulated over many edits); no dense fp32 (d_out, d_in) buffer is ever formed.
+    The drift term 2 c D Q (the penalty c tr(D Q D^T), Q = drift_metric (d_in, d_in) symmetric, or the identity
+    when None; W_ref = W0, or the weights before the batch) is held as either
+      drift_factors: [(M_i (n_i, d_out), K_i (n_i, d_in))] with D = sum_i M_i^T K_i (the updates applied since
+                     W_ref, when they are few: batch mode, sequential pre_batch), or
+      drift_weights: (W, W_ref, transposed) in storage layout, streamed in row blocks (the sequential mode, where
+                     the drift from W0 has accumulated over many edits); no dense fp32 (d_out, d_in) buffer is ever
+                     formed.
     """
 
     inputs: torch.Tensor | None = None
