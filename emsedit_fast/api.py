@@ -242,8 +242,8 @@ def train(session: Session, records: list[EditRecord] | None = None, *, trainer=
             trainer.callbacks.pop()
     if cfg.train.keep == "best" and trainer.best is not None:
         # the kept point's buffers hold the edit term of its training sequence: reset clears it (and restores W0)
-        session.editor.load_state_dict({k: v.to(session.editor.state_dict()[k].device)
-                                        for k, v in trainer.best["state"].items()})
+        own = session.editor.state_dict()
+        session.editor.load_state_dict({k: v.to(own[k].device) for k, v in trainer.best["state"].items()})
         session.editor.reset()
         trainer.report.kept_step = trainer.best["step"]
         log.info("train.keep best: kept the editor after %d of %d batches (validation mean of ES, GS, LS-agree "

@@ -245,3 +245,14 @@ def hypernet_blocks(d: int, rank: int, n_layers: int, n_blocks: int, *, seed: in
     """Parameters of n_blocks trained-like blocks (see `hypernet_params`), one dict per block."""
     return [hypernet_params(d, rank, n_layers, seed=seed + 10 * i, trained=True, device=device)
             for i in range(n_blocks)]
+
+
+def assert_matches_central_differences(loss, x0: torch.Tensor, analytic: torch.Tensor, *, h: float = 1e-4,
+                                       rtol: float = 2e-3) -> None:
+    """Every entry of `analytic` (dL/dx at x0) within rtol * max(1, |fd|) of the central difference
+    (loss(x0 + h e_i) - loss(x0 - h e_i)) / 2h, for a scalar-valued `loss` of a 1-D tensor x."""
+    for i in range(len(x0)):
+        bump = torch.zeros_like(x0)
+        bump[i] = h
+        fd = (loss(x0 + bump) - loss(x0 - bump)) / (2 * h)
+        assert abs(fd - analytic[i].item()) <= rtol * max(1.0, abs(fd)), (i, fd, analytic.tolist())
