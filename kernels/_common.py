@@ -74,8 +74,14 @@ def is_tracing(*tensors: torch.Tensor) -> bool:
     if torch.compiler.is_compiling():
         return True
     from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
-    return any(isinstance(t, FakeTensor) or torch._is_functional_tensor(t) for t in tensors)
+    # AOT autograd (opcheck's aot_dispatch tests, inductor lowering a triton_op) runs the op's body on Python
+    # FunctionalTensor wrappers, which torch._is_functional_tensor (the C++ wrapper test) does not see; a proxy mode
+    # records a graph even from real tensors, and addresses read then would be baked into it.
+    return (any(isinstance(t, (FakeTensor, FunctionalTensor)) or torch._is_functional_tensor(t) for t in tensors)
+            or get_proxy_mode() is not None)
 
 
 def pointer_table(rows: list[list[int]], device: torch.device) -> torch.Tensor:

@@ -154,8 +154,11 @@ def _dims(w, transposed):
     return w.shape[0], w.shape[1], w.stride(0), w.stride(1)
 
 
-def _groups(weights):
-    """Layer numbers grouped by (shape, dtype), in order of first appearance."""
+def _groups(weights, tracing):
+    """Layer numbers grouped by (shape, dtype), in order of first appearance; one group per layer while tracing
+    (symbolic shapes cannot be hashed, and traced launches go one layer at a time anyway)."""
+    if tracing:
+        return [[layer] for layer in range(len(weights))]
     groups = defaultdict(list)
     for layer, w in enumerate(weights):
         groups[(tuple(w.shape), w.dtype)].append(layer)
@@ -179,7 +182,7 @@ def apply_deltas_(weights: list[torch.Tensor], coeffs: list[torch.Tensor], keys:
     has_alpha = alpha is not None
     tracing = _common.is_tracing(*weights)
     precision = _common.dot_precision()
-    for group in _groups(weights):
+    for group in _groups(weights, tracing):
         w0, m0, k0 = weights[group[0]], coeffs[group[0]], keys[group[0]]
         d_out, d_in, stride_wo, stride_wi = _dims(w0, transposed)
         n_max = max(coeffs[layer].shape[0] for layer in group)
@@ -219,7 +222,7 @@ def apply_deltas_dense_(weights: list[torch.Tensor], shifts: list[torch.Tensor],
     # Inputs checked by the ops layer (emsedit_fast/ops/apply_deltas.py); shifts arrive contiguous.
     has_alpha = alpha is not None
     tracing = _common.is_tracing(*weights)
-    for group in _groups(weights):
+    for group in _groups(weights, tracing):
         w0, s0 = weights[group[0]], shifts[group[0]]
         if w0.numel() == 0:
             continue

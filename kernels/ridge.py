@@ -80,7 +80,9 @@ def _ridge_solve_gram_kernel(
                     other=0.0)
         y = tl.load(y_base + kk[:, None] * stride_yk + jj[None, :] * stride_yj, mask=k_ok[:, None] & j_ok[None, :],
                     other=0.0)
-        acc = tl.dot(x, y, acc, input_precision="ieee")
+        # out_dtype spelled out: fp64 operands (the fallback's Gram) accumulate in fp64; triton <= 3.6 defaults the
+        # dot's output to fp32 whatever acc is, and rejects the fp64 accumulator
+        acc = tl.dot(x, y, acc, input_precision="ieee", out_dtype=x_ptr.dtype.element_ty)
     if ADD_RIDGE:
         beta = tl.load(ridge_ptr + layer)
         acc = tl.where(ii[:, None] == jj[None, :], acc + beta, acc)
@@ -151,8 +153,8 @@ def _spd_solve(gram, rhs, op, gram64_of):
     blew its solution up (not finite). Such layers are redone in fp64 with their matrix rebuilt from fp64 keys by
     gram64_of(layers) (the retry must not inherit the rounding of the fp32 products, usually what made the matrix
     indefinite); then by LU; and a matrix that LU finds exactly singular gets the minimum-norm least-squares solution
-    (gelsd, on the CPU: the only device with that driver). Each fallback is logged, naming the layers: the same
-    ladder as the C++ backend (csrc/cpu/ridge.cpp).
+    (gelsd). The fp64 ladder runs on the CPU. Each fallback is logged, naming the layers: the same ladder as the C++
+    backend (csrc/include/emsedit_fast/ridge_impl.h).
     """
     chol, info = torch.linalg.cholesky_ex(gram)
     sol = torch.cholesky_solve(rhs, chol)
@@ -161,29 +163,31 @@ def _spd_solve(gram, rhs, op, gram64_of):
     bad = ((info > 0) | ~torch.isfinite(sol).flatten(1).all(1)).nonzero().flatten()
     if bad.numel() == 0:
         return sol
-    gram64 = gram64_of(bad)  # (B, m, m) fp64
-    rhs64 = rhs.index_select(0, bad).double()
+    # The ladder runs on the CPU (as in the C++ backend): it exists for (nearly) singular matrices, the inputs on
+    # which GPU LU drivers are least dependable, gelsd exists only there, and the path is rare.
+    gram64 = gram64_of(bad).cpu()  # (B, m, m) fp64
+    layers = bad.cpu()
+    rhs64 = rhs.index_select(0, bad).double().cpu()
     sol64 = torch.full_like(rhs64, float("nan"))
-    todo = torch.ones(bad.numel(), dtype=torch.bool, device=gram.device)
+    todo = torch.ones(bad.numel(), dtype=torch.bool)
     if gram.dtype != torch.float64:
         log.warning("emsedit_fast.triton_%s: Cholesky failed in fp32 for layers %s; retrying in fp64", op,
-                    bad.tolist())
+                    layers.tolist())
         chol64, info64 = torch.linalg.cholesky_ex(gram64)
         sol64 = torch.cholesky_solve(rhs64, chol64)
         todo = (info64 > 0) | ~torch.isfinite(sol64).flatten(1).all(1)
     if todo.any():
         log.warning("emsedit_fast.triton_%s: Cholesky failed in fp64 for layers %s; falling back to LU", op,
-                    bad[todo].tolist())
+                    layers[todo].tolist())
         lu_sol, lu_info = torch.linalg.solve_ex(gram64[todo], rhs64[todo])
         sol64[todo] = lu_sol
         singular = torch.zeros_like(todo)
         singular[todo] = (lu_info > 0) | ~torch.isfinite(lu_sol).flatten(1).all(1)
         if singular.any():
             log.warning("emsedit_fast.triton_%s: layers %s are numerically singular; using the minimum-norm "
-                        "least-squares solution", op, bad[singular].tolist())
-            lsq = torch.linalg.lstsq(gram64[singular].cpu(), rhs64[singular].cpu(), driver="gelsd").solution
-            sol64[singular] = lsq.to(sol64.device)
-    sol[bad] = sol64.to(sol.dtype)
+                        "least-squares solution", op, layers[singular].tolist())
+            sol64[singular] = torch.linalg.lstsq(gram64[singular], rhs64[singular], driver="gelsd").solution
+    sol[bad] = sol64.to(device=sol.device, dtype=sol.dtype)
     return sol
 
 

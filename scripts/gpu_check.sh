@@ -22,6 +22,7 @@
 # hypothesis): nothing is installed from the network in GPU mode. Logs of every step: build/gpu-check/*.log.
 # Adjustable (environment):
 #   GPU_CHECK_OP_TESTS     pytest arguments of step 2 (default: tests/ops)
+#   GPU_CHECK_OP_JOBS      pytest-xdist workers of step 2 (default: one per core, at most 16; 1: one process)
 #   GPU_CHECK_BENCH        pytest -k selection of step 3 (default: "llama3 and not sweep": every op and the editor
 #                          step at LLaMA-3-8B shapes, without the 60-case ridge form sweep)
 #   GPU_CHECK_BENCH_ARGS   further benchmark options (default: "--time-budget 0.3 --compiled primary": 0.3 s timed
@@ -125,8 +126,12 @@ cuda_build() {
 }
 
 op_tests() {
+  # In parallel (pytest-xdist, in the GPU image): on an H200 the suite took over 6 minutes in one process, most of it
+  # compiling and autotuning Triton kernels for each new shape on one CPU core; 14 workers ran its slower half in 68 s.
+  local jobs=${GPU_CHECK_OP_JOBS:-$(( $(nproc) < 16 ? $(nproc) : 16 ))} par=()
+  if [ "$jobs" -gt 1 ] && "$PY" -c "import xdist" 2>/dev/null; then par=(-n "$jobs"); fi
   # shellcheck disable=SC2086  # GPU_CHECK_OP_TESTS is a list of pytest arguments
-  "$PY" -m pytest -q -rs -p no:cacheprovider $OP_TESTS
+  "$PY" -m pytest -q -rs -p no:cacheprovider ${par[@]+"${par[@]}"} $OP_TESTS
   # the tests skip (with a reason) a backend that is unavailable: make sure cpp and triton really served CUDA
   "$PY" - <<'EOF'
 import sys

@@ -19,7 +19,11 @@ def test_lu_solve_per_layer_matches_float64_at_every_thread_count(threads):
         b = torch.randn(3, 576, 40, generator=gen)
         x = lu_solve(a, b)
         exact = torch.linalg.solve(a.double()[0], b.double()[0])  # one matrix: unaffected
-        assert torch.allclose(x[0].double(), exact, rtol=1e-3, atol=1e-4 * float(exact.abs().max()))
+        # normwise: A's condition number is about 2000 (eigenvalues 0.5 to about 1000), so an fp32 LU is within
+        # cond x eps ~ 1e-4 of the exact solution in norm, element errors vary with the LAPACK build (MKL on an
+        # H200 host missed an elementwise 1e-3 bound), and invalid pivots give errors of order one
+        err = torch.linalg.norm(x[0].double() - exact) / torch.linalg.norm(exact)
+        assert err < 2e-3, f"relative error {err:.2e}"
         assert torch.allclose(a @ x, b, atol=1e-3 * float(b.abs().max()))
         sol = ridge_solve(keys, torch.randn(3, 64, 40, generator=gen), torch.zeros(3), "primal")
         assert sol.shape == (3, 576, 40) and torch.isfinite(sol).all()

@@ -14,6 +14,8 @@ CUDA); Inductor on the CPU needs a C++ toolchain and about a minute per graph, s
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -153,3 +155,44 @@ def test_compile_fullgraph(stem, op, backend, device, compiler):
             testing.assert_close_to_reference(g, e, kind="reduction", label=f"{op}-{backend}-{compiler}")
         else:
             assert torch.equal(g, e), f"{op}-{backend}-{compiler}: integer argument differs"
+
+
+def _fake_symbolic(x, mode):
+    """x (tensors, lists of tensors, other values) as fake tensors of `mode` with every size symbolic."""
+    from torch.fx.experimental.symbolic_shapes import DimDynamic
+    from torch.fx.experimental.symbolic_shapes import StatelessSymbolicContext
+
+    if isinstance(x, torch.Tensor):
+        ctx = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * x.dim())
+        return mode.from_tensor(x, symbolic_context=ctx)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_fake_symbolic(t, mode) for t in x)
+    return x
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter runs launches on fake tensors")
+@pytest.mark.parametrize("stem, op", OPS, ids=[op for _, op in OPS])
+def test_triton_op_traces_with_symbolic_shapes(stem, op):
+    """Each Triton op's Python body, traced as AOT autograd traces it under torch.compile and opcheck (Python
+    FunctionalTensor wrappers over fake tensors, every size symbolic), with no GPU: no data pointer is read, no
+    symbolic size hashed, no data-dependent branch taken. On an H200, opcheck's AOT check and Inductor failed on
+    exactly these for apply_deltas_, apply_deltas_dense_, ridge_solve(_backward) and restore_."""
+    from torch._functorch.aot_autograd import aot_function
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    pytest.importorskip("triton")
+    _load_triton(stem, op)
+    fn = getattr(torch.ops.emsedit_fast, f"triton_{op}")
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    args = _fake_symbolic(_args(op, "cpu"), mode)
+    graphs = []
+
+    def keep(gm, _):
+        graphs.append(gm)
+        return gm
+
+    with mode:
+        aot_function(lambda *a: fn(*a), fw_compiler=keep, dynamic=True)(*args)
+    kernels = [n for n in graphs[0].graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+    assert kernels, f"no Triton launch in the traced graph of {op}"

@@ -114,8 +114,12 @@ inline at::Tensor solve_spd(const at::Tensor& g, const at::Tensor& rhs,
     if (!bad_cpu[l].item<bool>()) {
       continue;
     }
-    const at::Tensor g64 = gram_f64(l);  // (m, m) fp64
-    const at::Tensor r64 = rhs[l].to(at::kDouble);
+    // The ladder runs on the CPU whatever the device: it exists for (nearly) singular matrices, the inputs on which
+    // GPU LU drivers are least dependable (cuSOLVER's getrf has returned invalid pivots for small singular
+    // matrices; on an H200 with torch 2.11 + CUDA 13.0 this path crashed the process), gelsd exists only there, and
+    // the path is rare, so one (m, m) fp64 round trip per failed layer is cheap insurance.
+    const at::Tensor g64 = gram_f64(l).cpu();  // (m, m) fp64
+    const at::Tensor r64 = rhs[l].to(at::kDouble).cpu();
     at::Tensor sol;
     const int64_t pivot = info_cpu[l].item<int64_t>();
     if (g.scalar_type() != at::kDouble) {
@@ -138,9 +142,8 @@ inline at::Tensor solve_spd(const at::Tensor& g, const at::Tensor& rhs,
       } else {
         TORCH_WARN("emsedit_fast.", op, ": layer ", l, " is numerically singular; using the minimum-norm ",
                    "least-squares solution");
-        // gelsd (SVD, rank-revealing) exists only on the CPU; this path is rare, so CUDA layers take the round trip
-        sol = std::get<0>(at::linalg_lstsq(g64.cpu(), r64.cpu(), c10::nullopt, c10::string_view("gelsd")))
-                  .to(g64.device());
+        // gelsd (SVD, rank-revealing): the minimum-norm solution of a singular system
+        sol = std::get<0>(at::linalg_lstsq(g64, r64, c10::nullopt, c10::string_view("gelsd")));
       }
     }
     x[l].copy_(sol);
