@@ -3,8 +3,8 @@
 Every method is meta-trained from scratch with the same data, budget and seed, then evaluated on the same records
 under the mode's protocol, next to the unedited model and the untrained editor. Methods by name:
 
-    emsedit (K = 2), emsedit1 (EMSEdit trained at K = 1), malmen, malmen2, rledit, rledit2, mend, mend2,
-    ultraedit, ultraedit2 (training-free: their "trained" row is the same editor)
+    emsedit (K = 2), emsedit1 (EMSEdit trained at K = 1), emsedit3 ... emsedit8 (K = 3 ... 8), malmen, malmen2,
+    rledit, rledit2, mend, mend2, ultraedit, ultraedit2 (training-free: their "trained" row is the same editor)
 """
 
 from __future__ import annotations
@@ -22,7 +22,17 @@ log = logging.getLogger(__name__)
 
 METHOD_NAMES = {"mend": ("mend", 1), "mend2": ("mend", 2), "malmen": ("malmen", 1), "malmen2": ("malmen", 2),
                 "rledit": ("rledit", 1), "rledit2": ("rledit", 2), "emsedit": ("emsedit", 2),
-                "emsedit1": ("emsedit", 1), "ultraedit": ("ultraedit", 1), "ultraedit2": ("ultraedit", 2)}
+                "emsedit1": ("emsedit", 1), "ultraedit": ("ultraedit", 1), "ultraedit2": ("ultraedit", 2),
+                **{f"emsedit{k}": ("emsedit", k) for k in range(3, 9)}}
+
+
+def method_of(editor: str, n_steps: int) -> str:
+    """The method name of an editor preset at K = n_steps (inverse of METHOD_NAMES)."""
+    for method, (name, k) in METHOD_NAMES.items():
+        if (name, k) == (editor, n_steps):
+            return method
+    known = sorted(k for name, k in METHOD_NAMES.values() if name == editor)
+    raise ValueError(f"no comparison method runs {editor} at K = {n_steps} (K in {known})")
 PRETTY = {"mend": "MEND", "malmen": "MALMEN", "rledit": "RLEdit", "emsedit": "EMSEdit", "ultraedit": "UltraEdit"}
 
 

@@ -108,9 +108,8 @@ def run_point(base: RunConfig, overrides: list[str], defaults: dict, *, train: b
     model section (its dtype, edited modules, edited_dtype, ...) gets its own freshly loaded model, so no point runs
     on a model another point's settings shaped."""
     from emsedit_fast import api
-    from emsedit_fast.comparison import method_config
 
-    cfg = method_config(base, _method_of(base), overrides, defaults)
+    cfg = point_config(base, overrides, defaults)
     if cfg.model not in models:
         model, tokenizer, _ = api.load_model(cfg)
         models[cfg.model] = (model, tokenizer)
@@ -132,12 +131,13 @@ def run_point(base: RunConfig, overrides: list[str], defaults: dict, *, train: b
     return point
 
 
-def _method_of(cfg: RunConfig) -> str:
-    """The comparison method name of a config (its preset and K)."""
-    name, k = cfg.editor.name, cfg.editor.n_steps
-    if name == "emsedit":
-        return "emsedit" if k == 2 else "emsedit1"
-    return name + ("2" if k == 2 else "")
+def point_config(base: RunConfig, overrides: list[str], defaults: dict) -> RunConfig:
+    """A sweep point's config: `base`'s editor at `base`'s K (the profile's, or the command's), the profile
+    `defaults`, then the point's `overrides` (which may change K themselves)."""
+    from emsedit_fast.comparison import method_config
+    from emsedit_fast.comparison import method_of
+
+    return method_config(base, method_of(base.editor.name, base.editor.n_steps), overrides, defaults)
 
 
 def pareto_table(points: list[SweepPoint], title: str) -> str:

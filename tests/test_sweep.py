@@ -7,9 +7,11 @@ import pytest
 
 from emsedit_fast import api
 from emsedit_fast import sweep
+from emsedit_fast.config import load
 from emsedit_fast.tuning import SweepPoint
 from emsedit_fast.tuning import expand_grid
 from emsedit_fast.tuning import pareto_front
+from emsedit_fast.tuning import point_config
 from emsedit_fast.tuning import untrained_blind_keys
 
 
@@ -35,6 +37,19 @@ def test_untrained_sweeps_name_the_keys_they_cannot_tell_apart():
                         "editor.eta_init=1e-3"])
     assert untrained_blind_keys(grid) == ["editor.rank", "train.reg_coef"]
     assert untrained_blind_keys(expand_grid(["editor.key_prior=0,1000"])) == []
+
+
+def test_sweep_points_keep_the_profiles_k():
+    """A profile at K = 3 (CounterFact's) sweeps K = 3 editors: the point's config once fell back to K = 1 for every
+    K but 2; a grid over K still sets it."""
+    for k in (1, 2, 3, 5):
+        profile = {"editor": {"n_steps": k, "rank": 64}}
+        base = load("emsedit", defaults=profile)
+        assert point_config(base, [], profile).editor.n_steps == k
+        assert point_config(base, ["train.reg_coef=0.1"], profile).editor.n_steps == k
+    assert point_config(base, ["editor.n_steps=2"], profile).editor.n_steps == 2
+    with pytest.raises(ValueError, match="no comparison method runs malmen at K = 3"):
+        point_config(load("malmen", extra={"editor": {"n_steps": 3}}), [], {})
 
 
 def test_pareto_front_by_hand():
