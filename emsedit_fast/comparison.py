@@ -24,6 +24,7 @@ METHOD_NAMES = {"mend": ("mend", 1), "mend2": ("mend", 2), "malmen": ("malmen", 
                 "rledit": ("rledit", 1), "rledit2": ("rledit", 2), "emsedit": ("emsedit", 2),
                 "emsedit1": ("emsedit", 1), "ultraedit": ("ultraedit", 1), "ultraedit2": ("ultraedit", 2),
                 **{f"emsedit{k}": ("emsedit", k) for k in range(3, 9)}}
+PRETTY = {"mend": "MEND", "malmen": "MALMEN", "rledit": "RLEdit", "emsedit": "EMSEdit", "ultraedit": "UltraEdit"}
 
 
 def method_of(editor: str, n_steps: int) -> str:
@@ -33,7 +34,6 @@ def method_of(editor: str, n_steps: int) -> str:
             return method
     known = sorted(k for name, k in METHOD_NAMES.values() if name == editor)
     raise ValueError(f"no comparison method runs {editor} at K = {n_steps} (K in {known})")
-PRETTY = {"mend": "MEND", "malmen": "MALMEN", "rledit": "RLEdit", "emsedit": "EMSEdit", "ultraedit": "UltraEdit"}
 
 
 def label(method: str) -> str:

@@ -116,8 +116,9 @@ inline at::Tensor solve_spd(const at::Tensor& g, const at::Tensor& rhs,
     }
     // The ladder runs on the CPU whatever the device: it exists for (nearly) singular matrices, the inputs on which
     // GPU LU drivers are least dependable (cuSOLVER's getrf has returned invalid pivots for small singular
-    // matrices; on an H200 with torch 2.11 + CUDA 13.0 this path crashed the process), gelsd exists only there, and
-    // the path is rare, so one (m, m) fp64 round trip per failed layer is cheap insurance.
+    // matrices; on an H200 with torch 2.11 + CUDA 13.0 the nearly singular test crashed its process on this path,
+    // cause not isolated), gelsd exists only there, and the path is rare, so one (m, m) fp64 round trip per failed
+    // layer is cheap insurance.
     const at::Tensor g64 = gram_f64(l).cpu();  // (m, m) fp64
     const at::Tensor r64 = rhs[l].to(at::kDouble).cpu();
     at::Tensor sol;
