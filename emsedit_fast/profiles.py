@@ -104,7 +104,7 @@ PLANS = {
         eval_label="zsRE evaluation part (198 records)"),
     "small-counterfact": Plan("small-counterfact", _merge(SMALL_MODEL_PROFILE, {
         "model": {"name": "smollm2-135m"},
-        "editor": {"key_positions": "subject", "key_prior": 30.0, "n_steps": 3},
+        "editor": {"key_positions": "subject", "key_prior": 30.0, "n_steps": 4, "eta_init": 8e-4},
         "train": {"n_batches": 80, "sequence_length": 10, "prior_positions": "answer_subject",
                   "prior_records": 2000, "reg_coef": 0.03, "eval_every": 0.5, "keep": "best"},
         "data": {"n_edits": 20, "eval_batches": 10}}),
