@@ -193,12 +193,10 @@ DEVICE_SAMPLING_MIN = 1 << 24
 def _filled(shape: tuple[int, ...], *, seed: int, scale: float, dtype: torch.dtype,
             device: str | torch.device) -> torch.Tensor:
     device = torch.device(device)
-    if device.type == "cuda" and math.prod(shape) >= DEVICE_SAMPLING_MIN:
-        gen = torch.Generator(device=device)
-        gen.manual_seed(seed)
-        t = torch.empty(shape, dtype=torch.float32, device=device).normal_(generator=gen)
-        return (t.mul_(scale) if scale != 1.0 else t).to(dtype)
-    t = torch.empty(shape, dtype=torch.float32).normal_(generator=generator(seed))
+    where = device if device.type == "cuda" and math.prod(shape) >= DEVICE_SAMPLING_MIN else torch.device("cpu")
+    gen = torch.Generator(device=where)
+    gen.manual_seed(seed)
+    t = torch.empty(shape, dtype=torch.float32, device=where).normal_(generator=gen)
     if scale != 1.0:
         t.mul_(scale)
     return t.to(dtype=dtype, device=device)
