@@ -293,21 +293,33 @@ class MetaTrainer:
     def _sequential_batch(self, tuples, ref, recent, retained=()) -> float:
         # A refused batch is skipped as a whole: the weights, normaliser statistics and recent batches go back to
         # where they were before it (its earlier steps stay out of the model, a non-finite batch out of the decayed
-        # loss of the batches after it).
-        editor = self.editor
+        # loss of the batches after it). Every refusal happens before the optimiser step, so the rollback copy (one
+        # copy of the edited weights) and the steps' records are gone before Adam touches (on the first batch:
+        # allocates) its moments: the step's peak memory is the gradients plus the moments, not those plus the copy.
+        cfg, editor = self.cfg, self.editor
         weights = ops.snapshot(editor.weights())
         stats = editor.normaliser_state()
         kept = list(recent)
         try:
-            return self._sequential_batch_steps(tuples, ref, recent, retained, weights)
+            loss, keys = self._sequential_batch_grads(tuples, ref, recent, retained, weights)
         except EditRefused:
             ops.restore_(editor.weights(), weights, backend=editor.backend)
             editor.load_normaliser_state(stats)
             recent.clear()
             recent.extend(kept)
             raise
+        del weights, stats, kept
+        self._clip()
+        if cfg.seq_optimizer_step == "every_batch":
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if keys is not None:  # the batch's edit stays applied: the key prior keeps it in place from now on
+            editor.prior.add_edit_keys(keys)
+        return loss
 
-    def _sequential_batch_steps(self, tuples, ref, recent, retained=(), before=None) -> float:
+    def _sequential_batch_grads(self, tuples, ref, recent, retained=(), before=None) -> tuple[float, object]:
+        """Apply the batch's K steps, score them and accumulate the meta-gradient: (meta-loss, the first step's keys
+        per layer for the key prior, or None without one). Raises EditRefused on a non-finite loss or gradient."""
         cfg, editor = self.cfg, self.editor
         records = self._apply_steps(tuples, range(editor.cfg.n_steps))
         recent.appendleft((tuples, ref))
@@ -325,13 +337,7 @@ class MetaTrainer:
         editor.meta_backward(records, grads, shift_reg=cfg.shift_reg if cfg.loss == "rledit_decay" else 0.0)
         if not self._finite_grads():
             raise EditRefused("non-finite hypernetwork gradient")
-        self._clip()
-        if cfg.seq_optimizer_step == "every_batch":
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        if editor.prior is not None:  # the batch's edit stays applied: the key prior keeps it in place from now on
-            editor.prior.add_edit_keys(records[0].layer_keys())
-        return loss
+        return loss, (records[0].layer_keys() if editor.prior is not None else None)
 
     def _batch_step(self, tuples, ref) -> float:
         cfg, editor = self.cfg, self.editor
