@@ -232,7 +232,8 @@ class EditStep(_engine.EngineWork):
 
 
 class TrainStep(EditStep):
-    """MetaTrainer.train on one batch (sequential, l2 drift penalty); a fresh trainer per round."""
+    """MetaTrainer.train on one batch (sequential, l2 drift penalty); a fresh trainer per round, its optimiser's
+    moments already allocated (a steady-state step)."""
 
     def __init__(self, work, provider, device, solve_form=None):
         _engine.EngineWork.__init__(self, provider)
@@ -253,6 +254,15 @@ class TrainStep(EditStep):
             self.editor.reset()
         self._initial_state()
         self.trainer = MetaTrainer(self.editor, self.s.cfg.train)
+        # One Adam step on zero gradients (the parameters stay bit for bit what they were: the update is
+        # lr * 0 / (0 + eps)) creates the optimiser's moments before the measured step, as every step of a run after
+        # its first finds them: the peak RSS is a steady-state step's, and the optimizer phase times Adam's
+        # arithmetic rather than the one-off allocation of its state.
+        for group in self.trainer.optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = torch.zeros_like(p)
+        self.trainer.optimizer.step()
+        self.trainer.optimizer.zero_grad(set_to_none=True)
         self.clock.wrap_methods(self.trainer, TRAINER_PHASES)
         self.grads = {}
         adam = self.trainer.optimizer.step
