@@ -294,8 +294,8 @@ class MetaTrainer:
         # A refused batch is skipped as a whole: the weights, normaliser statistics and recent batches go back to
         # where they were before it (its earlier steps stay out of the model, a non-finite batch out of the decayed
         # loss of the batches after it). Every refusal happens before the optimiser step, so the rollback copy (one
-        # copy of the edited weights) and the steps' records are gone before Adam touches (on the first batch:
-        # allocates) its moments: the step's peak memory is the gradients plus the moments, not those plus the copy.
+        # copy of the edited weights) and the steps' records are gone before it: on a run's first batch, where Adam
+        # allocates its moments, they no longer stack on the copy.
         cfg, editor = self.cfg, self.editor
         weights = ops.snapshot(editor.weights())
         stats = editor.normaliser_state()
@@ -309,10 +309,10 @@ class MetaTrainer:
             recent.extend(kept)
             raise
         del weights, stats, kept
-        self._clip()
         if cfg.seq_optimizer_step == "every_batch":
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            self._optimizer_step()
+        else:  # once_at_end: each batch's gradient is clipped as it accumulates, one Adam step at the end
+            self._clip()
         if keys is not None:  # the batch's edit stays applied: the key prior keeps it in place from now on
             editor.prior.add_edit_keys(keys)
         return loss
