@@ -34,18 +34,22 @@ UNDO_POLICIES = ("replay", "snapshot")
 class History:
     """The undoable edits of one editor session over the weights `names` (storage layout).
 
-    base: the weights before the first recorded edit; None means `origin` (the editor's unedited W0, not copied).
+    base: the weights before the first recorded edit; None means `origin` (the editor's unedited W0, not copied; it
+    may be a compact snapshot in a narrower dtype, see ops.snapshot). dtypes: the live weights' dtypes, which a base
+    built by folding takes (edits are applied to it); default: the origin's.
     policy "snapshot" keeps the pre-edit weights of the latest edit; "replay" keeps nothing extra.
     max_edits > 0 folds the oldest edits into the base when more are recorded; 0 keeps every edit undoable.
     """
 
-    def __init__(self, names: list[str], origin: list[torch.Tensor], policy: str = "replay", max_edits: int = 0):
+    def __init__(self, names: list[str], origin: list[torch.Tensor], policy: str = "replay", max_edits: int = 0,
+                 dtypes: list[torch.dtype] | None = None):
         if policy not in UNDO_POLICIES:
             raise ValueError(f"undo policy must be one of {UNDO_POLICIES}, got {policy!r}")
         if max_edits < 0:
             raise ValueError(f"max_edits must be >= 0, got {max_edits}")
         self.names = list(names)
         self.origin = origin
+        self.dtypes = list(dtypes) if dtypes is not None else [o.dtype for o in origin]
         self.policy = policy
         self.max_edits = max_edits
         self.base: list[torch.Tensor] | None = None
@@ -109,7 +113,7 @@ class History:
         if count <= 0:
             return
         if self.base is None:
-            self.base = ops.snapshot(self.origin)
+            self.base = [o.to(dtype=d, copy=True) for o, d in zip(self.origin, self.dtypes)]  # widening: exact
         base = dict(zip(self.names, self.base))
         for edit in self.edits[:count]:
             apply_updates_(base, edit.steps, edit.backend)

@@ -64,10 +64,15 @@ def test_undo_is_exact_under_both_policies(policy, dtype):
     assert _equal(_state(session), states[0])
 
 
-def test_folding_bounds_the_history_and_keeps_undo_exact_after_it():
-    session = _session(max_undo=2)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_folding_bounds_the_history_and_keeps_undo_exact_after_it(dtype):
+    session = _session(max_undo=2, dtype=dtype)
+    # a bf16 model's edited layers get fp32 master weights; W0 is kept compact, in bf16, and the folded base in fp32
+    assert [w.dtype for w in session.editor.weights()] == [torch.float32] * len(session.modules)
+    assert {b.dtype for b in session.editor.base} == {dtype}
     ids, states = _edit_batches(session, 5)
     history = session.editor.history
+    assert {b.dtype for b in history.base} == {torch.float32}
     assert len(history) == 2 and history.folded == 3 and history.ids() == ids[3:]
     assert _equal(history.base, states[3])  # the base is now the weights after the first three edits
     with pytest.raises(KeyError, match="folded into the base"):

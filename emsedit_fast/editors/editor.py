@@ -151,8 +151,11 @@ class Editor(nn.Module):
         # the key prior of the ridge solve (editors/prior.py); a submodule only when configured
         self.prior = KeyPrior(self.groups, cfg.key_prior, cfg.edit_prior, device) \
             if cfg.key_prior > 0 or cfg.edit_prior > 0 else None
-        self.base = ops.snapshot(self.weights())  # W0: the unedited edited weights, for reset and the drift penalty
-        self.history = History([m.name for m in self.modules_], self.base, cfg.undo, cfg.max_undo)
+        # W0: the unedited edited weights, for reset and the drift penalty; compact: a bf16 model's layers promoted to
+        # fp32 master weights still hold bf16 values here, so W0 is kept in bf16 (exact, half the memory)
+        self.base = ops.snapshot(self.weights(), compact=True)
+        self.history = History([m.name for m in self.modules_], self.base, cfg.undo, cfg.max_undo,
+                               dtypes=[w.dtype for w in self.weights()])
         self._next_id = 1
         self._maxabs = [float(w.abs().max()) if w.numel() else 0.0 for w in self.base]  # overflow bound, see check
 
@@ -323,7 +326,7 @@ class Editor(nn.Module):
             for name, bound in zip(gs.update.names, bounds):
                 i = index[name]
                 self._maxabs[i] += bound
-                if self._maxabs[i] > torch.finfo(self.base[i].dtype).max / 2:
+                if self._maxabs[i] > torch.finfo(self.modules_[i].weight.dtype).max / 2:
                     risky.append(i)
         apply_updates_(self.named_weights(), [record.updates], self.backend)
         weights = self.weights()

@@ -1,6 +1,10 @@
 """Exact restore and snapshots of edited weights (reference: emsedit_fast.reference.restore; docs/method.md,
 "Applying and undoing an update"): weights[l] <- snapshots[l] bit for bit, because subtracting a delta again is not
-exact in low precision (round(round(W + d) - d) != W in bf16)."""
+exact in low precision (round(round(W + d) - d) != W in bf16).
+
+A snapshot may be held in a narrower floating dtype than its weight when it converts back exactly (`snapshot(...,
+compact=True)`): the fp32 master copies that a bf16 model's edited layers get hold bf16 values until the first edit,
+so their W0 needs half the memory. Restoring from it widens, which is exact."""
 
 from __future__ import annotations
 
@@ -27,22 +31,49 @@ if _ext.load_error() is None:
         return None
 
 
-def snapshot(weights: list[torch.Tensor], device: str | torch.device | None = None) -> list[torch.Tensor]:
-    """Independent copies of `weights` (on `device`, default: where they are), for `restore_`."""
-    return [w.detach().to(device=device if device is not None else w.device, copy=True) for w in weights]
+# narrower dtypes a snapshot may take, tried in this order (bf16 first: what a bf16 model's promoted weights hold)
+_NARROWER = {torch.float64: (torch.bfloat16, torch.float16, torch.float32),
+             torch.float32: (torch.bfloat16, torch.float16)}
+
+
+def snapshot(weights: list[torch.Tensor], device: str | torch.device | None = None, *, compact: bool = False
+             ) -> list[torch.Tensor]:
+    """Independent copies of `weights` (on `device`, default: where they are), for `restore_`.
+
+    compact: store each copy in the narrowest floating dtype that converts back to its weight bit for bit (checked
+    per layer: one conversion and one comparison each), else in the weight's own dtype."""
+    copies = []
+    for w in weights:
+        w = w.detach()
+        dtype = w.dtype
+        if compact:
+            for narrow in _NARROWER.get(w.dtype, ()):
+                if torch.equal(w.to(narrow).to(w.dtype), w):  # exact round trip (a NaN never compares equal)
+                    dtype = narrow
+                    break
+        copies.append(w.to(device=device if device is not None else w.device, dtype=dtype, copy=True))
+    return copies
+
+
+def widens_exactly(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Every value of floating dtype `src` converts to floating dtype `dst` exactly (bf16/fp16 -> fp32 -> fp64)."""
+    return src == dst or (src.is_floating_point and dst.is_floating_point and torch.promote_types(src, dst) == dst
+                          and torch.finfo(src).bits < torch.finfo(dst).bits)
 
 
 def restore_(weights: list[torch.Tensor], snapshots: list[torch.Tensor], *, backend: str | None = None) -> None:
     """weights[l] <- snapshots[l], bit for bit, for every layer in one call.
 
-    weights: L tensors (any dtype). Mutated. snapshots: L tensors with the same shapes and dtypes; they may live on
-    another device (the copy then goes through the reference path). Reference: emsedit_fast.reference.restore_.
+    weights: L tensors (any dtype). Mutated. snapshots: L tensors with the same shapes and the same dtypes, or a
+    floating dtype that widens to the weight's exactly (a compact snapshot); they may live on another device. A
+    cross-device or widening copy goes through the reference path (a plain `copy_`; the kernels copy bytes within one
+    device and dtype). Reference: emsedit_fast.reference.restore_.
     """
     check_restore_(weights, snapshots)
     if not weights:
         return
-    if any(s.device != weights[0].device for s in snapshots):
-        backend = "reference"  # a cross-device copy is a plain transfer; kernels work within one device
+    if any(s.device != weights[0].device or s.dtype != w.dtype for w, s in zip(weights, snapshots)):
+        backend = "reference"
     _, fn = select("restore_", _RESTORE, (weights[0],), backend)
     fn(list(weights), [s.contiguous() for s in snapshots])
 
@@ -53,8 +84,9 @@ def check_restore_(weights, snapshots) -> None:
     _checks.check(len(weights) == len(snapshots), op,
                   lambda: f"got {len(weights)} weights but {len(snapshots)} snapshots")
     for layer, (w, snap) in enumerate(zip(weights, snapshots)):
-        _checks.check(w.shape == snap.shape and w.dtype == snap.dtype, op,
+        _checks.check(w.shape == snap.shape and widens_exactly(snap.dtype, w.dtype), op,
                       lambda: f"layer {layer}: snapshot {_checks.shape(snap)} {snap.dtype} does not match weight "
-                      f"{_checks.shape(w)} {w.dtype}")
+                      f"{_checks.shape(w)} {w.dtype} (a snapshot needs the weight's shape, and its dtype or a "
+                      f"narrower floating one)")
         _checks.check(w.is_contiguous(), op, lambda: f"weights[{layer}] must be contiguous (it is updated in place)")
     _checks.same_device(op, weights=weights)

@@ -10,7 +10,8 @@ import torch
 def restore_(weights: list[torch.Tensor], snapshots: list[torch.Tensor]) -> None:
     """weights[l] <- snapshots[l] bit for bit, for every l, in place.
 
-    weights: L tensors, any dtype. Mutated. snapshots: L tensors of the same shapes and dtypes (any device).
+    weights: L tensors, any dtype. Mutated. snapshots: L tensors of the same shapes and dtypes, or a narrower floating
+    dtype (copy_ widens exactly), on any device.
     """
     for w, snap in zip(weights, snapshots):
         w.copy_(snap)

@@ -40,3 +40,30 @@ def test_snapshot_is_an_independent_copy():
 def test_restore__rejects_mismatched_snapshot():
     with pytest.raises(ValueError, match="layer 0: snapshot 3x2"):
         ops.restore_([torch.zeros(2, 3)], [torch.zeros(3, 2)])
+
+
+@pytest.mark.parametrize("backend", ["reference"] + backend_params())
+def test_compact_snapshot_takes_the_narrowest_exact_dtype_and_restores_bit_for_bit(backend):
+    require_backend(backend, "cpu")
+    bf16_values = randn(16, 8, seed=1).to(torch.bfloat16).float()  # fp32 holding bf16 values (a promoted layer)
+    fp16_values = torch.full((4, 4), 1.0 + 2.0 ** -10)  # fp16 holds it exactly, bf16 (7 mantissa bits) does not
+    full = randn(16, 8, seed=2)  # needs all of fp32
+    weights = [bf16_values, fp16_values, full]
+    originals = [w.clone() for w in weights]
+    snaps = ops.snapshot(weights, compact=True)
+    assert [s.dtype for s in snaps] == [torch.bfloat16, torch.float16, torch.float32]
+    assert [s.dtype for s in ops.snapshot(weights)] == [torch.float32] * 3  # not compact unless asked
+    for w in weights:
+        w.add_(0.1)
+    assert not any(torch.equal(w, o) for w, o in zip(weights, originals))
+    with ops.record_backends() as seen:
+        ops.restore_(weights, snaps, backend=backend)
+    assert seen == {"restore_": {"reference"}}  # a widening copy is a plain copy_, whichever backend was asked for
+    assert all(w.dtype == torch.float32 and torch.equal(w, o) for w, o in zip(weights, originals))
+
+
+def test_restore__rejects_a_narrowing_snapshot():
+    with pytest.raises(ValueError, match="layer 0: snapshot 2x3 torch.float32 does not match weight 2x3 torch.bfloat16"):
+        ops.restore_([torch.zeros(2, 3, dtype=torch.bfloat16)], [torch.zeros(2, 3)])
+    with pytest.raises(ValueError, match="layer 0"):  # fp16 and bf16 do not hold each other's values
+        ops.restore_([torch.zeros(2, 3, dtype=torch.float16)], [torch.zeros(2, 3, dtype=torch.bfloat16)])
