@@ -68,7 +68,8 @@ class SlicedAdam(torch.optim.Adam):
     changes is the step's transient memory: the per-tensor update allocates two parameter-sized temporaries (the
     square root of the second moment and its bias-corrected quotient), 2 x 8.6 MB for a rank-1024 hypernetwork block,
     on top of the gradients and moments at the peak of a training step; sliced, 2 x 1 MB. The state (step, exp_avg,
-    exp_avg_sq per parameter) and its state_dict are torch's. A group set to foreach or fused runs torch's own step.
+    exp_avg_sq per parameter) and its state_dict are torch's. A group set to foreach, fused, capturable or
+    differentiable is refused with an error (use torch.optim.Adam for those).
     """
 
     def __init__(self, params, *, slice_numel: int = 1 << 18, **kwargs):
