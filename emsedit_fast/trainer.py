@@ -113,10 +113,12 @@ class SlicedAdam(torch.optim.Adam):
                         maxs.append(part[4])
                     steps.append(state["step"].clone())  # each slice advances its own copy once
                     owners.append(state)
+            # decoupled_weight_decay exists from torch 2.7 on (AdamW merged into Adam); older groups lack the key
+            extra = {"decoupled_weight_decay": group["decoupled_weight_decay"]} \
+                if "decoupled_weight_decay" in group else {}
             adam(params, grads, avgs, sqs, maxs, steps, foreach=False, amsgrad=group["amsgrad"],
                  beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"], weight_decay=group["weight_decay"],
-                 eps=group["eps"], maximize=group["maximize"],
-                 decoupled_weight_decay=group.get("decoupled_weight_decay", False))
+                 eps=group["eps"], maximize=group["maximize"], **extra)
             for state, step in zip(owners, steps):
                 state["step"] = step
         return loss
