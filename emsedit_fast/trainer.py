@@ -113,7 +113,7 @@ class SlicedAdam(torch.optim.Adam):
                         maxs.append(part[4])
                     steps.append(state["step"].clone())  # each slice advances its own copy once
                     owners.append(state)
-            # decoupled_weight_decay exists from torch 2.7 on (AdamW merged into Adam); older groups lack the key
+            # decoupled_weight_decay came with AdamW's merge into Adam: groups of older torch versions lack the key
             extra = {"decoupled_weight_decay": group["decoupled_weight_decay"]} \
                 if "decoupled_weight_decay" in group else {}
             adam(params, grads, avgs, sqs, maxs, steps, foreach=False, amsgrad=group["amsgrad"],
