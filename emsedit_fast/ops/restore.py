@@ -41,18 +41,22 @@ def snapshot(weights: list[torch.Tensor], device: str | torch.device | None = No
     """Independent copies of `weights` (on `device`, default: where they are), for `restore_`.
 
     compact: store each copy in the narrowest floating dtype that converts back to its weight bit for bit (checked
-    per layer: one conversion and one comparison each), else in the weight's own dtype."""
+    per layer, in blocks of 2^22 elements so the check's temporaries stay small), else in the weight's own dtype."""
     copies = []
     for w in weights:
         w = w.detach()
         dtype = w.dtype
         if compact:
-            for narrow in _NARROWER.get(w.dtype, ()):
-                if torch.equal(w.to(narrow).to(w.dtype), w):  # exact round trip (a NaN never compares equal)
-                    dtype = narrow
-                    break
+            dtype = next((narrow for narrow in _NARROWER.get(w.dtype, ()) if _holds_exactly(w, narrow)), w.dtype)
         copies.append(w.to(device=device if device is not None else w.device, dtype=dtype, copy=True))
     return copies
+
+
+def _holds_exactly(w: torch.Tensor, dtype: torch.dtype, block: int = 1 << 22) -> bool:
+    """Every element of `w` survives the round trip through `dtype` (a NaN never compares equal: not exact)."""
+    flat = w.reshape(-1)
+    return all(torch.equal(flat[lo:lo + block].to(dtype).to(w.dtype), flat[lo:lo + block])
+               for lo in range(0, flat.numel(), block))
 
 
 def widens_exactly(src: torch.dtype, dst: torch.dtype) -> bool:

@@ -67,3 +67,13 @@ def test_restore__rejects_a_narrowing_snapshot():
         ops.restore_([torch.zeros(2, 3, dtype=torch.bfloat16)], [torch.zeros(2, 3)])
     with pytest.raises(ValueError, match="layer 0"):  # fp16 and bf16 do not hold each other's values
         ops.restore_([torch.zeros(2, 3, dtype=torch.float16)], [torch.zeros(2, 3, dtype=torch.bfloat16)])
+
+
+def test_the_exactness_check_reads_every_block():
+    from emsedit_fast.ops.restore import _holds_exactly
+
+    w = randn(5, 9, seed=3).to(torch.bfloat16).float()
+    assert _holds_exactly(w, torch.bfloat16, block=7)
+    w[-1, -1] += 2.0 ** -20  # only the last block (elements 42-44) no longer fits bf16
+    assert not _holds_exactly(w, torch.bfloat16, block=7)
+    assert not _holds_exactly(torch.tensor([float("nan")]), torch.bfloat16)  # NaN: never taken as exact
