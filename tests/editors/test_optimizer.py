@@ -29,7 +29,7 @@ def test_sliced_adam_matches_torch_adam_bit_for_bit(slice_numel, amsgrad):
         ref.step()
         assert all(torch.equal(p, q) for p, q in zip(ours, theirs))
     assert any(not torch.equal(p, q) for p, q in zip(ours, _params(0)))  # the parameters moved
-    # the state is torch's: it loads into torch.optim.Adam and steps on identically
+    # the state is torch's: the same keys and values as torch.optim.Adam's
     mine, torchs = opt.state_dict(), ref.state_dict()
     for i in torchs["state"]:
         assert torchs["state"][i].keys() == mine["state"][i].keys()
