@@ -86,7 +86,7 @@ class SlicedAdam(torch.optim.Adam):
             if group["foreach"] or group["fused"] or group["capturable"] or group["differentiable"]:
                 raise ValueError("SlicedAdam runs the per-tensor update only (foreach=False, fused, capturable and "
                                  "differentiable off); use torch.optim.Adam for the others")
-            params, grads, avgs, sqs, maxs, steps, owners = [], [], [], [], [], [], []
+            params, grads, avgs, sqs, maxs, steps = [], [], [], [], [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -111,16 +111,14 @@ class SlicedAdam(torch.optim.Adam):
                     sqs.append(part[3])
                     if group["amsgrad"]:
                         maxs.append(part[4])
-                    steps.append(state["step"].clone())  # each slice advances its own copy once
-                    owners.append(state)
+                    # the first slice advances the state's step in place, the others a copy taken before the update
+                    steps.append(state["step"] if lo == 0 else state["step"].clone())
             # decoupled_weight_decay came with AdamW's merge into Adam: groups of older torch versions lack the key
             extra = {"decoupled_weight_decay": group["decoupled_weight_decay"]} \
                 if "decoupled_weight_decay" in group else {}
             adam(params, grads, avgs, sqs, maxs, steps, foreach=False, amsgrad=group["amsgrad"],
                  beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"], weight_decay=group["weight_decay"],
                  eps=group["eps"], maximize=group["maximize"], **extra)
-            for state, step in zip(owners, steps):
-                state["step"] = step
         return loss
 
 
