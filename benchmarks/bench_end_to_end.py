@@ -1,5 +1,9 @@
 """One edit and one meta-training step on SmolLM2-135M, as a multiple of the bare model forward + backward over the
-same tokens (the floor the editor cannot go below), with where the rest of the time goes.
+same tokens (the floor), with where the rest of the time goes.
+
+The floor counts K whole passes. The engine's passes after the first over the same tokens skip the decoder layers
+below the lowest edited module (editor.reuse_prefix; layers 0-9 of 30 here), so an edit can come in under it by up to
+K - 1 times those layers' forward.
 
 The zsRE work: SmolLM2-135M in bf16, gate_proj 10-14 + up_proj 17-23 (one shape group of 12 layers), rank 1024,
 EMSEdit K = 2 with the small-model profile, batches of 10 zsRE edits read from --zsre-data at run time (skipped when

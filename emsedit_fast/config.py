@@ -81,6 +81,9 @@ class EditorConfig:
     undo: Literal["replay", "snapshot"] = "replay"  # how an edit is undone: replay onto a base, or a per-edit copy
     max_undo: int = 64  # edits kept undoable one by one; older ones are folded into the base (0: all)
     backend: Literal["auto", "fast", "reference", "cpp", "triton"] = "auto"
+    # the K caching passes of one edit batch run the decoder layers below the lowest edited module once and reuse
+    # their output (exact; models.hooks.PrefixReuse). False: every pass runs the whole model
+    reuse_prefix: bool = True
 
     def __post_init__(self):
         _check(1 <= self.n_steps <= 8, "editor.n_steps", "must be in 1..8")

@@ -262,10 +262,13 @@ class MetaTrainer:
     # ---------------------------------------------------------------------------------------------------------------
     # the two modes
 
-    def _apply_steps(self, tuples, steps: range) -> list:
+    def _apply_steps(self, tuples, steps: range, prefix=None) -> list:
+        """MSBP steps `steps` on tuples.edit, applied to the model; prefix: the batch's `PrefixReuse` when the steps
+        are applied in several calls (default: a fresh one for these steps)."""
         records = []
+        prefix = prefix or self.editor.prefix_reuse()
         for k in steps:
-            rec = self.editor.predict_deltas(self.editor.capture(tuples.edit, self.cfg.loss_reduction), k)
+            rec = self.editor.predict_deltas(self.editor.capture(tuples.edit, self.cfg.loss_reduction, prefix), k)
             self.editor.check_record(rec)
             self.editor.apply_step(rec)
             records.append(rec)
@@ -405,8 +408,9 @@ class MetaTrainer:
         cfg, editor = self.cfg, self.editor
         total = 0.0
         applied = []
+        prefix = editor.prefix_reuse()  # every step runs over the same edit tokens
         for k in range(editor.cfg.n_steps):
-            records = self._apply_steps(tuples, range(k, k + 1))
+            records = self._apply_steps(tuples, range(k, k + 1), prefix)
             # W - W0 is this step's update (reset) or the steps of this batch so far (chain): factored either way
             applied.extend(records)
             loss, grads = self.weight_grads([(1.0, tuples, ref)],

@@ -45,6 +45,7 @@ from emsedit_fast.models.adapter import EditedModule
 from emsedit_fast.models.adapter import ShapeGroup
 from emsedit_fast.models.adapter import group_by_shape
 from emsedit_fast.models.hooks import Capture
+from emsedit_fast.models.hooks import PrefixReuse
 from emsedit_fast.models.hooks import capture
 from emsedit_fast.models.hooks import key_second_moments
 from emsedit_fast.nn import HyperNet
@@ -186,14 +187,20 @@ class Editor(nn.Module):
             return "primal"
         return ops.choose_form(n_rows, d_in, self.cfg.solve_form)
 
-    def capture(self, batch, reduction: Reduction = "sum_of_microbatch_means") -> Capture:
+    def capture(self, batch, reduction: Reduction = "sum_of_microbatch_means",
+                prefix: PrefixReuse | None = None) -> Capture:
         """Caching pass on the current weights: keys and value-grads of every edited module at the positions
         editor.key_positions names (`TokenBatch.positions`; the subject choices need batches tokenised with their
-        records' subjects, as `tokenize_batch` does)."""
+        records' subjects, as `tokenize_batch` does). prefix: shared by the K passes over one batch (`prefix_reuse`)."""
         where = self.cfg.key_positions
         return capture(self.model, self.modules_, batch.input_ids, batch.attention_mask, batch.labels,
                        batch.micro_batch, "answer", reduction, device=self.device,
-                       positions=None if where == "answer" else batch.positions(where))
+                       positions=None if where == "answer" else batch.positions(where), prefix=prefix)
+
+    def prefix_reuse(self) -> PrefixReuse | None:
+        """A fresh `PrefixReuse` for the K caching passes over one edit batch (None with editor.reuse_prefix off):
+        the layers below the lowest edited module run in the first pass only."""
+        return PrefixReuse(self.model, self.modules_) if self.cfg.reuse_prefix else None
 
     def normaliser_state(self) -> dict[str, torch.Tensor]:
         """A copy of every hypernetwork's running-normaliser buffers (count, mean, var, std), by state_dict key."""
@@ -358,10 +365,11 @@ class Editor(nn.Module):
         stats_before = self.normaliser_state()
         start = time.perf_counter()
         records = []
+        prefix = self.prefix_reuse()
         with ops.record_backends() as seen:
             try:
                 for k in range(k_steps):
-                    rec = self.predict_deltas(self.capture(batch), k, update_stats=update_stats)
+                    rec = self.predict_deltas(self.capture(batch, prefix=prefix), k, update_stats=update_stats)
                     self.check_record(rec)
                     records.append(rec)  # before applying: a failure inside the apply must be rolled back too
                     self.apply_step(rec)

@@ -273,12 +273,131 @@ def _logits_of(out) -> torch.Tensor:
     return logits if logits is not None else out[0]
 
 
+def _layer_stack(model: nn.Module, modules: Sequence[EditedModule]) -> tuple[nn.ModuleList | None, int]:
+    """(layers, f): the outermost ModuleList that holds every edited module (the decoder stack, e.g. `model.layers`
+    or `transformer.h`) and the index f of its lowest layer with an edited module; (None, 0) if there is none."""
+    names = [m.name for m in modules]
+    for prefix, child in model.named_modules():  # pre-order: outer lists come first
+        if not isinstance(child, nn.ModuleList) or not prefix:
+            continue
+        index = []
+        for name in names:
+            head, _, rest = name[len(prefix) + 1:].partition(".") if name.startswith(prefix + ".") else ("", "", "")
+            if not head.isdigit() or not rest:
+                break
+            index.append(int(head))
+        else:
+            return child, min(index)
+    return None, 0
+
+
+_NOTHING = object()
+
+
+def _hidden_of(output):
+    return output[0] if isinstance(output, (tuple, list)) and output else output
+
+
+class PrefixReuse:
+    """The decoder layers below the lowest edited module, run once per batch of tokens rather than once per pass.
+
+    MSBP makes K caching passes over the same edit tokens, and between them only the edited modules change, so the
+    decoder layers 0..f-1 below the lowest edited one (layer f) compute the same output h (B, T, H) every time. The
+    first pass records it. In a later pass over the same input_ids and attention_mask those layers' forward returns
+    h without computing (an instance attribute shadows the class's forward, so the layer objects, their attributes
+    and their hooks stay in place), and the pass in effect starts at layer f. The backward already stops at the
+    lowest edited module's output, so a later pass runs L - f layers forward instead of L: for SmolLM2-135M (L = 30)
+    with the first edited module on layer 10 (15), a third (a half) of each later forward is skipped.
+
+    Exact by construction: a later pass receives the very tensors the layers produced. It is used only where that
+    holds. The first pass checks that layers 0..f-1 each ran once, that layer f's input is layer f-1's output (a
+    sequential stack) and that it does not require grad. A later pass replays only if its input_ids and
+    attention_mask equal the recorded ones and no parameter or buffer of layers 0..f-1 has been written since
+    (their version counters). Otherwise it runs the whole model and records again. Models whose edited modules do
+    not all sit in one ModuleList of layers always run whole.
+    """
+
+    def __init__(self, model: nn.Module, modules: Sequence[EditedModule]):
+        self.layers, self.first = _layer_stack(model, modules)
+        self._output = None
+        self._key = None
+        self.replays = 0  # passes that skipped the prefix (tests and benchmarks read it)
+
+    def _versions(self) -> tuple[int, ...]:
+        return tuple(t._version for layer in self.layers[:self.first]
+                     for t in (*layer.parameters(), *layer.buffers()))
+
+    def _matches(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> bool:
+        if self._output is None:
+            return False
+        ids, mask, versions = self._key
+        same_mask = (mask is None and attention_mask is None) or (
+            mask is not None and attention_mask is not None and mask.shape == attention_mask.shape
+            and torch.equal(mask, attention_mask))
+        return (ids.shape == input_ids.shape and torch.equal(ids, input_ids) and same_mask
+                and versions == self._versions())
+
+    @contextlib.contextmanager
+    def around(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+        """Context for one model call over (input_ids, attention_mask): replays the prefix if it can, records it
+        otherwise."""
+        if self.layers is None or self.first == 0:
+            yield
+            return
+        if self._matches(input_ids, attention_mask):
+            output = self._output
+            prefix = [self.layers[i] for i in range(self.first)]
+            shadowed = [layer.__dict__.get("forward", _NOTHING) for layer in prefix]  # e.g. accelerate's wrapper
+            for layer in prefix:
+                layer.forward = lambda *args, **kwargs: output
+            try:
+                yield
+            finally:
+                for layer, forward in zip(prefix, shadowed):
+                    del layer.forward
+                    if forward is not _NOTHING:
+                        layer.forward = forward
+            self.replays += 1
+            return
+        calls = [0] * self.first
+        seen = {}
+
+        def count(i):
+            def hook(module, args, output):
+                calls[i] += 1
+                if i == self.first - 1:
+                    seen["output"] = output
+            return hook
+
+        def entry(module, args, kwargs):
+            seen["input"] = args[0] if args else kwargs.get("hidden_states")
+
+        handles = [self.layers[i].register_forward_hook(count(i)) for i in range(self.first)]
+        handles.append(self.layers[self.first].register_forward_pre_hook(entry, with_kwargs=True))
+        self._output = self._key = None
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+        output = seen.get("output")
+        hidden = _hidden_of(output)
+        sequential = (calls == [1] * self.first and isinstance(hidden, torch.Tensor)
+                      and seen.get("input") is hidden and not hidden.requires_grad)
+        if sequential:
+            self._output = output
+            mask = attention_mask.clone() if attention_mask is not None else None
+            self._key = (input_ids.clone(), mask, self._versions())
+
+
 def _tapped_backward(model: nn.Module, modules: Sequence[EditedModule], input_ids: torch.Tensor,
                      attention_mask: torch.Tensor | None, select: torch.Tensor,
                      loss_fn: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype,
-                     device: torch.device | str | None, pin_memory: bool, keep: torch.Tensor | None = None):
+                     device: torch.device | str | None, pin_memory: bool, keep: torch.Tensor | None = None,
+                     prefix: PrefixReuse | None = None):
     """One forward + autograd.grad w.r.t. the edited outputs; rows gathered at `select` (B, T) bool. keep: the
-    logits' positions (see `logits_at`; loss_fn then receives logits (B, T', V))."""
+    logits' positions (see `logits_at`; loss_fn then receives logits (B, T', V)). prefix: reuse of the layers
+    below the lowest edited module across passes over the same tokens (`PrefixReuse`)."""
     _check_modules(model, modules)
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (B, T), got {tuple(input_ids.shape)}")
@@ -297,8 +416,10 @@ def _tapped_backward(model: nn.Module, modules: Sequence[EditedModule], input_id
     if getattr(getattr(model, "config", None), "use_cache", None) is not None:
         kwargs["use_cache"] = False  # a KV cache is useless here and costs memory
     tap = _Tap(modules, flat_index, batch * seq, dtype, device, pin_memory)
+    reuse = prefix.around(input_ids, attention_mask) if prefix is not None else contextlib.nullcontext()
     with _FrozenParameters(model), tap, torch.enable_grad(), logits_at(model, keep) as cut:
-        logits = cut(_logits_of(model(**kwargs)))
+        with reuse:
+            logits = cut(_logits_of(model(**kwargs)))
         tap.check_calls()
         loss = loss_fn(logits)
         del logits
@@ -341,7 +462,8 @@ def capture(model: nn.Module, modules: Sequence[EditedModule], input_ids: torch.
             attention_mask: torch.Tensor | None, labels: torch.Tensor, micro_batch: torch.Tensor | None,
             token_mode: TokenMode = "answer", reduction: Reduction = "sum_of_microbatch_means", *,
             dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-            pin_memory: bool = False, positions: torch.Tensor | None = None) -> Capture:
+            pin_memory: bool = False, positions: torch.Tensor | None = None,
+            prefix: PrefixReuse | None = None) -> Capture:
     """Caching pass: keys U_ℓ and value-gradients Δ_ℓ of every edited module, one forward + backward.
 
         L_cache = Σ_b (1/|𝒫_b|) Σ_{t∈𝒫_b} −log softmax(logits_t)[labels_t]   (fp32; `reduction="mean"`: 1/|𝒫|)
@@ -354,6 +476,8 @@ def capture(model: nn.Module, modules: Sequence[EditedModule], input_ids: torch.
     positions (labels ≠ −100), "all" every non-pad position (attention_mask ≠ 0); the loss is L_cache in both modes, so
     with "all" Σ_j δ_j u_jᵀ is the full weight gradient of L_cache. positions: (B, T) bool, the positions to cache in
     place of token_mode's (e.g. `TokenBatch.positions("subject")`); the loss is L_cache all the same.
+    prefix: a `PrefixReuse` shared by the passes of one edit batch (MSBP), so passes after the first skip the
+    decoder layers below the lowest edited module (None: every pass runs the whole model).
     dtype: cache dtype (fp32 default; the model dtype is allowed). device: cache device (default: where
     each module's activations live); pin_memory: pinned host buffers when caching device activations on the CPU.
     Mutates nothing visible: requires_grad flags are restored, no `.grad` is written, hooks are removed, and the
@@ -376,7 +500,7 @@ def capture(model: nn.Module, modules: Sequence[EditedModule], input_ids: torch.
         return answer_ce(logits, kept_labels.to(logits.device), micro_batch, reduction)
 
     keys, grads, loss, flat_index, n = _tapped_backward(model, modules, input_ids, attention_mask, select, loss_fn,
-                                                        dtype, device, pin_memory, keep)
+                                                        dtype, device, pin_memory, keep, prefix)
     seq = input_ids.shape[1]
     rows = torch.div(flat_index, seq, rounding_mode="floor")
     row_mb = micro_batch.to(rows.device)[rows].long() if micro_batch is not None else None

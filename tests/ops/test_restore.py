@@ -63,7 +63,8 @@ def test_compact_snapshot_takes_the_narrowest_exact_dtype_and_restores_bit_for_b
 
 
 def test_restore__rejects_a_narrowing_snapshot():
-    with pytest.raises(ValueError, match="layer 0: snapshot 2x3 torch.float32 does not match weight 2x3 torch.bfloat16"):
+    message = "layer 0: snapshot 2x3 torch.float32 does not match weight 2x3 torch.bfloat16"
+    with pytest.raises(ValueError, match=message):
         ops.restore_([torch.zeros(2, 3, dtype=torch.bfloat16)], [torch.zeros(2, 3)])
     with pytest.raises(ValueError, match="layer 0"):  # fp16 and bf16 do not hold each other's values
         ops.restore_([torch.zeros(2, 3, dtype=torch.float16)], [torch.zeros(2, 3, dtype=torch.bfloat16)])
