@@ -28,6 +28,7 @@ meta-gradient, optimizer; a call inside a phase counts to the outer one), second
 RSS (peak_rss_bytes: the whole process, model and pytest included).
 """
 
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -332,12 +333,43 @@ def _make(kind):
 def bench_end_to_end_edit(benchmark, case, provider, device):
     _engine.run_engine_bench(benchmark, "end_to_end_edit", case, provider, device, _make(EditStep))
     _per_edit(benchmark)
+    _prefix_reuse_effect(benchmark, EditStep, case, provider, device)
 
 
 @pytest.mark.bench(SPEC)
 def bench_end_to_end_train(benchmark, case, provider, device):
     _engine.run_engine_bench(benchmark, "end_to_end_train", case, provider, device, _make(TrainStep))
     _per_edit(benchmark)
+    _prefix_reuse_effect(benchmark, TrainStep, case, provider, device)
+
+
+def _prefix_reuse_effect(benchmark, kind, case_id, provider, device):
+    """The fused engine with and without editor.reuse_prefix, timed side by side on the same workload
+    (extra_info prefix_reuse_paired_s {"reuse": [...], "whole": [...]}, seconds per round): what running the layers
+    below the lowest edited module once per batch, rather than once per capture pass, saves."""
+    if provider not in _harness.KERNELS or (provider == "triton" and device == "cpu"):
+        return
+    work = kind(_cases.CASES[case_id], provider, device)
+    reuse = work.editor.cfg
+    whole = dataclasses.replace(reuse, reuse_prefix=False)
+
+    def run_with(cfg):
+        def run():
+            work.editor.cfg = cfg
+            try:
+                work.run()
+            finally:
+                work.editor.cfg = reuse
+        return run
+
+    try:
+        work.reset()
+        work.run()  # untimed first call
+        rounds = 3 if _harness.SETTINGS.smoke else 5
+        benchmark.extra_info["prefix_reuse_paired_s"] = _harness.paired_rounds(
+            {"reuse": (run_with(reuse), work.reset), "whole": (run_with(whole), work.reset)}, rounds, device)
+    finally:
+        work.close()
 
 
 def _per_edit(benchmark):

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import sys
 from collections import defaultdict
 
@@ -222,10 +223,19 @@ def e2e_section(r, name):
             split = ", ".join(f"{k} {fmt_time(ph[k])}" for k in PHASES if ph.get(k))
             rows.append([case, prov, fmt_time(e["median"]), fmt_time(i.get("seconds_per_edit")), x(e.get("x_floor")),
                          x(e.get("vs_competent")), x(e.get("vs_competent_paired")), x(e.get("vs_reference")),
-                         fmt_bytes(i.get("peak_rss_bytes")), split or "–", i.get("gate", "?")])
+                         x(_prefix_gain(i)), fmt_bytes(i.get("peak_rss_bytes")), split or "–", i.get("gate", "?")])
     return table(["case", "provider", "median", "per edit", "x floor (median / floor)", "competent / this",
-                  "competent / this, side by side", "reference / this", "peak RSS (process)",
+                  "competent / this, side by side", "reference / this",
+                  "whole passes / prefix reuse, side by side", "peak RSS (process)",
                   "where the time goes (per call)", "gate"], rows)
+
+
+def _prefix_gain(info):
+    """median(whole) / median(reuse) of the benchmark's side-by-side rounds with and without editor.reuse_prefix."""
+    p = info.get("prefix_reuse_paired_s")
+    if not p or not p.get("reuse") or not p.get("whole"):
+        return None
+    return statistics.median(p["whole"]) / statistics.median(p["reuse"])
 
 
 def targets_section(r):
