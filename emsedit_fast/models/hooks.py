@@ -312,9 +312,9 @@ class PrefixReuse:
     Exact by construction: a later pass receives the very tensors the layers produced. It is used only where that
     holds. The first pass checks that layers 0..f-1 each ran once, that layer f's input is layer f-1's output (a
     sequential stack) and that it does not require grad. A later pass replays only if its input_ids and
-    attention_mask equal the recorded ones and no parameter or buffer of layers 0..f-1 has been written since
-    (their version counters). Otherwise it runs the whole model and records again. Models whose edited modules do
-    not all sit in one ModuleList of layers always run whole.
+    attention_mask equal the recorded ones and no parameter or buffer outside layers f.. (layers 0..f-1, the
+    embeddings) has been written since (their version counters). Otherwise it runs the whole model and records
+    again. Models whose edited modules do not all sit in one ModuleList of layers always run whole.
     """
 
     def __init__(self, model: nn.Module, modules: Sequence[EditedModule]):
@@ -322,10 +322,13 @@ class PrefixReuse:
         self._output = None
         self._key = None
         self.replays = 0  # passes that skipped the prefix (tests and benchmarks read it)
+        self._below: list[torch.Tensor] = []  # every parameter and buffer outside layers f.. (embeddings included)
+        if self.layers is not None and self.first > 0:
+            above = {id(t) for layer in self.layers[self.first:] for t in (*layer.parameters(), *layer.buffers())}
+            self._below = [t for t in (*model.parameters(), *model.buffers()) if id(t) not in above]
 
     def _versions(self) -> tuple[int, ...]:
-        return tuple(t._version for layer in self.layers[:self.first]
-                     for t in (*layer.parameters(), *layer.buffers()))
+        return tuple(t._version for t in self._below)
 
     def _matches(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> bool:
         if self._output is None:

@@ -129,6 +129,13 @@ def test_stale_prefix_runs_whole_again():
         model.model.layers[1].mlp.down_proj.weight.mul_(1.5)
     assert _same(cap(changed, prefix), cap(changed, None)) and prefix.replays == 1
     assert _same(cap(changed, prefix), cap(changed, None)) and prefix.replays == 2
+    with torch.no_grad():  # so are they when the embeddings, below every layer, are written
+        model.model.embed_tokens.weight[:5].mul_(2.0)
+    assert _same(cap(changed, prefix), cap(changed, None)) and prefix.replays == 2
+    assert _same(cap(changed, prefix), cap(changed, None)) and prefix.replays == 3
+    with torch.no_grad():  # an edited layer's weight moves between passes, as MSBP's steps do: still replayed
+        modules[0].weight.add_(0.01)
+    assert _same(cap(changed, prefix), cap(changed, None)) and prefix.replays == 4
 
 
 def test_no_prefix_when_the_lowest_layer_is_edited_or_no_layer_list_holds_the_modules():
