@@ -67,3 +67,38 @@ def test_smollm2_profile_modules_and_capture(smol):
     assert cap.n_rows == len(a) and cap.loss > 0
     assert all(p.grad is None for p in model.parameters())
     assert fingerprint(model, modules) == fp  # capture never changes weights
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_smollm2_prefix_reuse_edits_bit_for_bit_like_whole_passes(smol, dtype):
+    """MSBP's later capture passes start at the lowest edited layer (editor.reuse_prefix): the edit is the same, bit
+    for bit, as with every pass run whole, on the real model in fp32 and in bf16 (fp32 master edited layers)."""
+    import copy
+    import dataclasses
+
+    from emsedit_fast.config import load
+    from emsedit_fast.data.edit_batch import tokenize_batch
+    from emsedit_fast.data.facts import bundled_facts
+    from emsedit_fast.editors import build_editor
+    from emsedit_fast.models.adapter import promote_edited_modules
+
+    model, tok = smol
+    if dtype != torch.float32:
+        model = copy.deepcopy(model).to(dtype)
+    modules = resolve_modules(model, default_module_patterns(model))
+    if dtype != torch.float32:
+        promote_edited_modules(modules)
+    cfg = load("emsedit", mode="sequential", overrides=["editor.rank=64", "editor.eta_init=1e-3"]).editor
+    editor = build_editor(model, modules, cfg, "sequential", seed=0)
+    batch = tokenize_batch(tok, bundled_facts("train")[:8], 4).edit
+    stats = editor.normaliser_state()  # an edit moves the running statistics: both edits start from these
+    edited = []
+    for reuse in (True, False):
+        editor.cfg = dataclasses.replace(cfg, reuse_prefix=reuse)
+        editor.edit(batch)
+        edited.append([w.clone() for w in editor.weights()])
+        editor.reset()
+        editor.load_normaliser_state(stats)
+    assert all(torch.equal(a, b) for a, b in zip(*edited))
+    assert not all(torch.equal(a, b.to(a.dtype)) for a, b in zip(edited[0], editor.base))
