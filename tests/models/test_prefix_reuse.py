@@ -38,7 +38,7 @@ def _batches(n: int, size: int = 3) -> list:
     return [tokenize_batch(tok, records[i * size:(i + 1) * size], size) for i in range(n)]
 
 
-def make_batch(start: int = 0):
+def _edit_tokens(start: int = 0):
     """The edit tokens (TokenBatch) of four consecutive bundled facts from `start`."""
     return tokenize_batch(tiny_tokenizer(), bundled_facts("train")[start:start + 4], 2).edit
 
@@ -79,7 +79,7 @@ def _same(a, b) -> bool:
 def test_later_passes_skip_the_prefix_and_equal_whole_passes(model_type):
     model = _model(model_type)
     modules = resolve_modules(model, [UPPER_MLP.get(model_type, LLAMA_UPPER)])
-    batch = make_batch()
+    batch = _edit_tokens()
     prefix = PrefixReuse(model, modules)
     assert prefix.first == 2 and prefix.layers is not None
     whole = _passes(model, modules, batch, None)
@@ -93,7 +93,7 @@ def test_later_passes_skip_the_prefix_and_equal_whole_passes(model_type):
 def test_the_prefix_layers_do_not_run_in_a_replayed_pass():
     model = tiny_llama(layers=4)
     modules = resolve_modules(model, [LLAMA_UPPER])
-    batch = make_batch()
+    batch = _edit_tokens()
     prefix = PrefixReuse(model, modules)
     layer_class = type(model.model.layers[0])
     original = layer_class.forward
@@ -112,7 +112,7 @@ def test_the_prefix_layers_do_not_run_in_a_replayed_pass():
 def test_stale_prefix_runs_whole_again():
     model = tiny_llama(layers=4)
     modules = resolve_modules(model, [LLAMA_UPPER])
-    batch, other = make_batch(), make_batch(4)
+    batch, other = _edit_tokens(), _edit_tokens(4)
     prefix = PrefixReuse(model, modules)
 
     def cap(b, reuse):
@@ -144,7 +144,7 @@ def test_no_prefix_when_the_lowest_layer_is_edited_or_no_layer_list_holds_the_mo
     assert low.first == 0
     head = PrefixReuse(model, resolve_modules(model, [r"model\.layers\.3\.mlp\.gate_proj", r"lm_head"]))
     assert head.layers is None
-    batch = make_batch()
+    batch = _edit_tokens()
     for prefix in (low, head):
         mods = resolve_modules(model, [r"model\.layers\.[03]\.mlp\.gate_proj"])
         assert all(_same(a, b) for a, b in zip(_passes(model, mods, batch, None), _passes(model, mods, batch, prefix)))
