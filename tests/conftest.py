@@ -49,3 +49,18 @@ torch.set_num_threads(int(os.environ.get("EMSEDIT_FAST_TEST_THREADS", "1")))
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def tiny_batches():
+    """make(n, size=3): n training batches of `size` consecutive bundled training facts, tokenised for the tiny
+    models."""
+    from emsedit_fast.data.edit_batch import tokenize_batch
+    from emsedit_fast.data.facts import bundled_facts
+    from emsedit_fast.models.tiny import tiny_tokenizer
+
+    def make(n: int, size: int = 3) -> list:
+        tok, records = tiny_tokenizer(), bundled_facts("train")
+        return [tokenize_batch(tok, records[i * size:(i + 1) * size], size) for i in range(n)]
+
+    return make

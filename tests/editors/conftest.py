@@ -1,16 +1,13 @@
-"""Shared builders of the editor tests: a meta-trainer on the tiny LLaMA and training batches of bundled facts."""
+"""Shared builder of the editor tests: a meta-trainer on the tiny LLaMA (training batches: tests/conftest.py)."""
 
 import pytest
 import torch
 
 from emsedit_fast.config import load
-from emsedit_fast.data.edit_batch import tokenize_batch
-from emsedit_fast.data.facts import bundled_facts
 from emsedit_fast.editors import build_editor
 from emsedit_fast.models.adapter import default_module_patterns
 from emsedit_fast.models.adapter import resolve_modules
 from emsedit_fast.models.tiny import tiny_llama
-from emsedit_fast.models.tiny import tiny_tokenizer
 from emsedit_fast.trainer import MetaTrainer
 
 
@@ -26,17 +23,5 @@ def tiny_trainer():
         editor = build_editor(model, resolve_modules(model, default_module_patterns(model, "sequential")),
                               cfg.editor, "sequential", seed=0)
         return MetaTrainer(editor, cfg.train)
-
-    return make
-
-
-@pytest.fixture
-def tiny_batches():
-    """make(n, size=3): n training batches of `size` consecutive bundled training facts, tokenised for the tiny
-    models."""
-
-    def make(n: int, size: int = 3) -> list:
-        tok, records = tiny_tokenizer(), bundled_facts("train")
-        return [tokenize_batch(tok, records[i * size:(i + 1) * size], size) for i in range(n)]
 
     return make

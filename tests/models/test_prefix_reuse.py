@@ -32,12 +32,6 @@ UPPER_MLP = {
 LLAMA_UPPER = r"model\.layers\.[23]\.mlp\.(gate|up)_proj"
 
 
-def _batches(n: int, size: int = 3) -> list:
-    """n training batches (EditBatch: .edit, .equiv, ...) of `size` consecutive bundled training facts."""
-    tok, records = tiny_tokenizer(), bundled_facts("train")
-    return [tokenize_batch(tok, records[i * size:(i + 1) * size], size) for i in range(n)]
-
-
 def _edit_tokens(start: int = 0):
     """The edit tokens (TokenBatch) of four consecutive bundled facts from `start`."""
     return tokenize_batch(tiny_tokenizer(), bundled_facts("train")[start:start + 4], 2).edit
@@ -159,8 +153,8 @@ def _editor(reuse: bool, mode: str = "sequential"):
     return build_editor(model, resolve_modules(model, [LLAMA_UPPER]), cfg.editor, mode, seed=0), cfg
 
 
-def test_edit_with_and_without_reuse_is_bit_identical():
-    batch = _batches(1)[0]
+def test_edit_with_and_without_reuse_is_bit_identical(tiny_batches):
+    batch = tiny_batches(1)[0]
     weights = []
     for reuse in (True, False):
         editor, _ = _editor(reuse)
@@ -171,8 +165,8 @@ def test_edit_with_and_without_reuse_is_bit_identical():
 
 
 @pytest.mark.parametrize("mode", ["sequential", "batch"])
-def test_meta_training_with_and_without_reuse_is_bit_identical(mode):
-    batches = _batches(2)
+def test_meta_training_with_and_without_reuse_is_bit_identical(tiny_batches, mode):
+    batches = tiny_batches(2)
     params, losses = [], []
     for reuse in (True, False):
         editor, cfg = _editor(reuse, mode)

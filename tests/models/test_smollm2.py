@@ -1,14 +1,21 @@
 """SmolLM2-135M-Instruct loader. Real-model tests are `slow` (skipped unless pytest --run-slow)."""
 
+import copy
+import dataclasses
 import importlib.util
 
 import pytest
 import torch
 
+from emsedit_fast.config import load
+from emsedit_fast.data.edit_batch import tokenize_batch
+from emsedit_fast.data.facts import bundled_facts
+from emsedit_fast.editors import build_editor
 from emsedit_fast.models import smollm2
 from emsedit_fast.models.adapter import default_module_patterns
 from emsedit_fast.models.adapter import fingerprint
 from emsedit_fast.models.adapter import group_by_shape
+from emsedit_fast.models.adapter import promote_edited_modules
 from emsedit_fast.models.adapter import resolve_modules
 from emsedit_fast.models.hooks import capture
 
@@ -74,15 +81,6 @@ def test_smollm2_profile_modules_and_capture(smol):
 def test_smollm2_prefix_reuse_edits_bit_for_bit_like_whole_passes(smol, dtype):
     """MSBP's later capture passes start at the lowest edited layer (editor.reuse_prefix): the edit is the same, bit
     for bit, as with every pass run whole, on the real model in fp32 and in bf16 (fp32 master edited layers)."""
-    import copy
-    import dataclasses
-
-    from emsedit_fast.config import load
-    from emsedit_fast.data.edit_batch import tokenize_batch
-    from emsedit_fast.data.facts import bundled_facts
-    from emsedit_fast.editors import build_editor
-    from emsedit_fast.models.adapter import promote_edited_modules
-
     model, tok = smol
     if dtype != torch.float32:
         model = copy.deepcopy(model).to(dtype)
