@@ -112,6 +112,12 @@ class TrainConfig:
     # with Sigma the key prior's second moment of the layer's ordinary inputs (needs editor.key_prior > 0): the
     # expected squared change of the layer's output on ordinary prompts rather than the size of the change
     drift_metric: Literal["identity", "keys"] = "identity"
+    # sequential mode: which loss each MSBP step's networks learn from. "final": the loss after all K steps, whose
+    # gradient G reaches every step's networks as if the later steps' inputs did not depend on it (the published
+    # first-order truncation: exact for step K only); "last": only step K's networks learn (exact, the earlier steps
+    # stay as they are); "per_step": step k's networks learn from the loss after step k (exact for that loss, one
+    # meta-loss pass per step, as the batch mode's chained steps do)
+    step_credit: Literal["final", "last", "per_step"] = "final"
     shift_reg: float = 1e-4  # RLEdit's r_S on ||S_k||_F^2 (rledit_decay only)
     back_depth: int = 10  # RLEdit: batches in the decayed loss
     time_decay: float = 0.95
@@ -164,6 +170,8 @@ class TrainConfig:
         _check(self.back_depth >= 1, "train.back_depth", "must be >= 1")
         _check(0 < self.time_decay <= 1, "train.time_decay", "must be in (0, 1]")
         _check(self.max_grad_norm > 0, "train.max_grad_norm", "must be > 0")
+        _check(self.step_credit == "final" or self.mode == "sequential", "train.step_credit",
+               "'last' and 'per_step' apply to the sequential mode (the batch mode's steps are scored one by one)")
 
 
 @dataclass(frozen=True)

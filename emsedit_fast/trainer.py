@@ -383,23 +383,35 @@ class MetaTrainer:
         return loss
 
     def _sequential_batch_grads(self, tuples, ref, recent, retained=(), before=None) -> tuple[float, object]:
-        """Apply the batch's K steps, score them and accumulate the meta-gradient: (meta-loss, the first step's keys
-        per layer for the key prior, or None without one). Raises EditRefused on a non-finite loss or gradient."""
+        """Apply the batch's K steps, score them and accumulate the meta-gradient: (meta-loss after the K steps, the
+        first step's keys per layer for the key prior, or None without one). Raises EditRefused on a non-finite loss
+        or gradient. train.step_credit decides which loss reaches which step's networks (config.TrainConfig)."""
         cfg, editor = self.cfg, self.editor
-        records = self._apply_steps(tuples, range(editor.cfg.n_steps))
         recent.appendleft((tuples, ref))
         if cfg.loss == "rledit_decay":  # L_t = sum_a decay^a [CE + loc KL](E_{t-a}; W_t)
             terms = [(cfg.time_decay ** a, tup, r) for a, (tup, r) in enumerate(recent)]
         else:
             # the retained batches' edits are already in W: their CE at the current W is what this step may spoil
             terms = [(1.0, tuples, ref)] + [(cfg.retain_coef / len(retained), tup, None) for tup in retained]
-        if cfg.drift_reference == "pre_batch":  # c ||W - W_before||^2: this batch's own K steps, factored
-            loss, grads = self.weight_grads(terms, records, before)
-        else:  # c ||W - W0||^2: every edit of the sequence so far
-            loss, grads = self.weight_grads(terms)
-        if not math.isfinite(loss):
-            raise EditRefused(f"non-finite meta-loss {loss}")
-        editor.meta_backward(records, grads, shift_reg=cfg.shift_reg if cfg.loss == "rledit_decay" else 0.0)
+        shift_reg = cfg.shift_reg if cfg.loss == "rledit_decay" else 0.0
+        n_steps = editor.cfg.n_steps
+        records: list = []
+        prefix = editor.prefix_reuse()  # every step runs over the same edit tokens
+        for k in range(n_steps):
+            records += self._apply_steps(tuples, range(k, k + 1), prefix)
+            if cfg.step_credit != "per_step" and k < n_steps - 1:
+                continue
+            if cfg.drift_reference == "pre_batch":  # c ||W - W_before||^2: this batch's own steps so far, factored
+                loss, grads = self.weight_grads(terms, records, before)
+            else:  # c ||W - W0||^2: every edit of the sequence so far
+                loss, grads = self.weight_grads(terms)
+            if not math.isfinite(loss):
+                raise EditRefused(f"non-finite meta-loss {loss}" + (f" after step {k + 1}" if k < n_steps - 1 else ""))
+            # final: G of the loss after step K drives every step (first-order truncation: step k < K's effect on
+            # the inputs of the steps after it is dropped); last: step K alone, whose gradient is exact; per_step:
+            # G of the loss after step k drives step k, exact for that loss
+            credited = records if cfg.step_credit == "final" else records[-1:]
+            editor.meta_backward(credited, grads, shift_reg=shift_reg)
         if not self._finite_grads():
             raise EditRefused("non-finite hypernetwork gradient")
         return loss, (records[0].layer_keys() if editor.prior is not None else None)
