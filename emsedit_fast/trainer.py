@@ -416,6 +416,72 @@ class MetaTrainer:
             raise EditRefused("non-finite hypernetwork gradient")
         return loss, (records[0].layer_keys() if editor.prior is not None else None)
 
+    def credit_check(self, tuples, h: float = 0.05) -> list[dict]:
+        """How each step_credit's gradient compares with the edit it trains, on one batch from the current weights
+        (sequential mode; the weights, normaliser statistics and .grad are left as they were).
+
+        Per MSBP step k: the derivative of the meta-loss along scaling step k's step size by e^s (all layers and
+        shape groups at once; d/ds = sum dL/dlog eta, or sum eta dL/deta with eta_param linear) as each credit's
+        backward gives it (None where a credit does not train step k), and central differences (+-h) of the loss
+        after all K steps ("fd_final") and of the loss after step k ("fd_own"). "final" equals fd_final for step K only;
+        "last" and "per_step" equal what they score (fd_final, fd_own)."""
+        import dataclasses
+
+        editor, cfg = self.editor, self.cfg
+        if editor.mode != "sequential":
+            raise ValueError("credit_check: the sequential mode's steps only (the batch mode scores each step)")
+        n_steps = editor.cfg.n_steps
+        weights, stats = ops.snapshot(editor.weights()), editor.normaliser_state()
+        ref = self._reference_logits(tuples.unrel) if cfg.loss in ("kl", "rledit_decay") else None
+        sizes = [[net.scalar_parameters()[0] for net in editor.nets[k]] for k in range(n_steps)]
+        kept = {p: p.grad for p in editor.parameters()}
+
+        def restore():
+            ops.restore_(editor.weights(), weights, backend=editor.backend)
+            editor.load_normaliser_state(stats)
+            editor.zero_grad(set_to_none=True)
+
+        initial = [[p.detach().clone() for p in step] for step in sizes]
+
+        def scale(k, s):  # step k's step size times e^s (s = 0: exactly as it was)
+            with torch.no_grad():
+                for p, p0 in zip(sizes[k], initial[k]):
+                    p.copy_(p0 + s if editor.cfg.eta_param == "log" else p0 * math.exp(s))
+
+        def losses_after_each_step(k, s):
+            restore()
+            scale(k, s)
+            out, prefix = [], editor.prefix_reuse()
+            try:
+                for j in range(n_steps):
+                    self._apply_steps(tuples, range(j, j + 1), prefix)
+                    out.append(self.weight_grads([(1.0, tuples, ref)])[0])
+            finally:
+                scale(k, 0.0)
+            return out
+
+        rows = [{"step": k + 1} for k in range(n_steps)]
+        try:
+            for credit in ("final", "last", "per_step"):
+                restore()
+                self.cfg = dataclasses.replace(cfg, step_credit=credit)
+                self._sequential_batch_grads(tuples, ref, collections.deque(maxlen=1))
+                for k in range(n_steps):
+                    grads = [(p.grad if editor.cfg.eta_param == "log" else p.grad * p.detach())
+                             for p in sizes[k] if p.grad is not None]
+                    rows[k][credit] = float(sum(g.sum() for g in grads)) if grads else None
+            self.cfg = cfg
+            for k in range(n_steps):
+                up, down = losses_after_each_step(k, h), losses_after_each_step(k, -h)
+                rows[k]["fd_final"] = (up[-1] - down[-1]) / (2 * h)
+                rows[k]["fd_own"] = (up[k] - down[k]) / (2 * h)
+        finally:
+            self.cfg = cfg
+            restore()
+            for p, g in kept.items():
+                p.grad = g
+        return rows
+
     def _batch_step(self, tuples, ref) -> float:
         cfg, editor = self.cfg, self.editor
         total = 0.0

@@ -83,3 +83,22 @@ def test_credit_changes_gradients_not_the_edit(tiny_trainer, tiny_batches):
 def test_step_credit_is_sequential_only():
     with pytest.raises(ConfigError, match="train.step_credit"):
         load("emsedit", mode="batch", overrides=["train.step_credit=last"])
+
+
+def test_credit_check_reports_each_credit_against_finite_differences(tiny_trainer, tiny_batches):
+    trainer = tiny_trainer(f"editor.n_steps={K}", "editor.eta_init=1e-2", "editor.eta_param=log")
+    editor = trainer.editor
+    before = {k: v.clone() for k, v in editor.state_dict().items()}
+    weights = [w.detach().clone() for w in editor.weights()]
+    rows = trainer.credit_check(tiny_batches(1, 3)[0], h=1e-3)
+    assert [r["step"] for r in rows] == list(range(1, K + 1))
+    for r in rows:
+        assert r["per_step"] == pytest.approx(r["fd_own"], rel=2e-3)
+        assert (r["last"] is None) == (r["step"] < K)
+    assert rows[-1]["final"] == pytest.approx(rows[-1]["fd_final"], rel=2e-3)
+    assert rows[-1]["last"] == pytest.approx(rows[-1]["fd_final"], rel=2e-3)
+    assert rows[-1]["fd_own"] == rows[-1]["fd_final"]
+    # the check leaves the editor and the model as they were
+    assert all(torch.equal(v, before[k]) for k, v in editor.state_dict().items())
+    assert all(torch.equal(a, b.detach()) for a, b in zip(weights, editor.weights()))
+    assert all(p.grad is None for p in editor.parameters())
