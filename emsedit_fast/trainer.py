@@ -6,7 +6,8 @@ Sequential, per training batch E_t (the model is never reset between batches):
         decayed loss over the last B batches)
         (+ retain_coef * mean_{s in R_t} CE(E_s; W): R_t = retain_batches earlier batches of the current sequence,
         drawn at random, so that the step learns to keep the edits before it; off by default)
-    G = dL/dW (factored); push G through every step's aggregation into phi_1..phi_K; clip; Adam step
+    G = dL/dW (factored); push G through every step's aggregation into phi_1..phi_K (train.step_credit final; last:
+        into phi_K only; per_step: L and G after each step k, into phi_k); clip; Adam step
         (every batch, or once at the end with seq_optimizer_step = once_at_end, the published schedule)
 Batch, per training step (one batch):
     for k = 1..K:  capture; predict with the shared phi; apply; L; G; revert dW_k (reset, the published default) or

@@ -68,7 +68,7 @@ _TRAINED_ONLY = frozenset({
     "train.shift_reg", "train.back_depth", "train.time_decay", "train.kl_reference", "train.kl_positions",
     "train.meta_lr", "train.scalar_lr_scale", "train.max_grad_norm", "train.seq_optimizer_step",
     "train.batch_step_chaining", "train.n_batches", "train.sequence_length", "train.epochs", "train.retain_batches",
-    "train.retain_coef", "train.edit_prompt_coef", "train.eval_every"})
+    "train.retain_coef", "train.edit_prompt_coef", "train.eval_every", "train.step_credit"})
 
 
 def untrained_blind_keys(grid: list[list[str]]) -> list[str]:
