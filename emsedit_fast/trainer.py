@@ -24,6 +24,7 @@ import math
 import time
 from dataclasses import dataclass
 from dataclasses import field
+from dataclasses import replace
 
 import torch
 from torch.optim.adam import adam  # the functional update torch.optim.Adam runs
@@ -426,8 +427,6 @@ class MetaTrainer:
         backward gives it (None where a credit does not train step k), and central differences (+-h) of the loss
         after all K steps ("fd_final") and of the loss after step k ("fd_own"). "final" equals fd_final for step K only;
         "last" and "per_step" equal what they score (fd_final, fd_own)."""
-        import dataclasses
-
         editor, cfg = self.editor, self.cfg
         if editor.mode != "sequential":
             raise ValueError("credit_check: the sequential mode's steps only (the batch mode scores each step)")
@@ -452,11 +451,14 @@ class MetaTrainer:
         def losses_after_each_step(k, s):
             restore()
             scale(k, s)
-            out, prefix = [], editor.prefix_reuse()
+            out, records, prefix = [], [], editor.prefix_reuse()
             try:
                 for j in range(n_steps):
-                    self._apply_steps(tuples, range(j, j + 1), prefix)
-                    out.append(self.weight_grads([(1.0, tuples, ref)])[0])
+                    records += self._apply_steps(tuples, range(j, j + 1), prefix)
+                    if cfg.drift_reference == "pre_batch":  # as _sequential_batch_grads measures the drift
+                        out.append(self.weight_grads([(1.0, tuples, ref)], records, weights)[0])
+                    else:
+                        out.append(self.weight_grads([(1.0, tuples, ref)])[0])
             finally:
                 scale(k, 0.0)
             return out
@@ -465,8 +467,8 @@ class MetaTrainer:
         try:
             for credit in ("final", "last", "per_step"):
                 restore()
-                self.cfg = dataclasses.replace(cfg, step_credit=credit)
-                self._sequential_batch_grads(tuples, ref, collections.deque(maxlen=1))
+                self.cfg = replace(cfg, step_credit=credit)
+                self._sequential_batch_grads(tuples, ref, collections.deque(maxlen=1), before=weights)
                 for k in range(n_steps):
                     grads = [(p.grad if editor.cfg.eta_param == "log" else p.grad * p.detach())
                              for p in sizes[k] if p.grad is not None]

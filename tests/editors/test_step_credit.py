@@ -85,8 +85,11 @@ def test_step_credit_is_sequential_only():
         load("emsedit", mode="batch", overrides=["train.step_credit=last"])
 
 
-def test_credit_check_reports_each_credit_against_finite_differences(tiny_trainer, tiny_batches):
-    trainer = tiny_trainer(f"editor.n_steps={K}", "editor.eta_init=1e-2", "editor.eta_param=log")
+@pytest.mark.parametrize("reference", ["original", "pre_batch"])
+def test_credit_check_reports_each_credit_against_finite_differences(tiny_trainer, tiny_batches, reference):
+    trainer = tiny_trainer(f"editor.n_steps={K}", "editor.eta_init=1e-2", "editor.eta_param=log",
+                           f"train.drift_reference={reference}")
+    trainer._apply_steps(tiny_batches(2, 3)[1], range(K))  # an earlier batch's edit: pre_batch and W0 differ
     editor = trainer.editor
     before = {k: v.clone() for k, v in editor.state_dict().items()}
     weights = [w.detach().clone() for w in editor.weights()]
