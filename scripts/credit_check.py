@@ -42,8 +42,11 @@ def main() -> None:
     batches = api.make_batches(session.tokenizer, valid, n, need, cfg.train.micro_batch, cfg.model.max_length,
                                session.device, need_unrel=cfg.train.loss != "l2")
     trainer = MetaTrainer(session.editor, cfg.train)
-    for tuples in batches[:args.pre]:
-        trainer._apply_steps(tuples, range(session.editor.cfg.n_steps))
+    editor = session.editor
+    for tuples in batches[:args.pre]:  # as a training sequence applies them, the key prior's edit term included
+        records = trainer._apply_steps(tuples, range(editor.cfg.n_steps))
+        if editor.prior is not None:
+            editor.prior.add_edit_keys(records[0].layer_keys())
     cols = ("final", "last", "per_step", "fd_final", "fd_own")
     print("| batch | step | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 2) + "|")

@@ -105,3 +105,19 @@ def test_credit_check_reports_each_credit_against_finite_differences(tiny_traine
     assert all(torch.equal(v, before[k]) for k, v in editor.state_dict().items())
     assert all(torch.equal(a, b.detach()) for a, b in zip(weights, editor.weights()))
     assert all(p.grad is None for p in editor.parameters())
+
+
+def test_credit_check_script_prints_a_row_per_step(capsys, monkeypatch):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "credit_check.py"
+    monkeypatch.setattr(sys, "argv", ["credit_check.py", "--model", "tiny-llama", "--device", "cpu", "--set",
+                                      "editor.rank=8", "--steps", "2", "--pre", "1"])
+    runpy.run_path(str(script), run_name="__main__")
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2 |")]
+    assert len(rows) == 2  # batch 2 (after one edited batch), steps 1 and 2
+    final, last, per_step, fd_final, fd_own = (float(c) if c.strip() != "-" else None
+                                               for c in rows[1].split("|")[3:8])
+    assert last == pytest.approx(fd_final, rel=2e-2) and per_step == pytest.approx(fd_own, rel=2e-2)
