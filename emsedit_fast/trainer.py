@@ -403,10 +403,7 @@ class MetaTrainer:
             records += self._apply_steps(tuples, range(k, k + 1), prefix)
             if cfg.step_credit != "per_step" and k < n_steps - 1:
                 continue
-            if cfg.drift_reference == "pre_batch":  # c ||W - W_before||^2: this batch's own steps so far, factored
-                loss, grads = self.weight_grads(terms, records, before)
-            else:  # c ||W - W0||^2: every edit of the sequence so far
-                loss, grads = self.weight_grads(terms)
+            loss, grads = self._batch_weight_grads(terms, records, before)
             if not math.isfinite(loss):
                 raise EditRefused(f"non-finite meta-loss {loss}" + (f" after step {k + 1}" if k < n_steps - 1 else ""))
             # final: G of the loss after step K drives every step (first-order truncation: step k < K's effect on
@@ -417,6 +414,12 @@ class MetaTrainer:
         if not self._finite_grads():
             raise EditRefused("non-finite hypernetwork gradient")
         return loss, (records[0].layer_keys() if editor.prior is not None else None)
+
+    def _batch_weight_grads(self, terms, records, before):
+        """weight_grads after this batch's steps `records`, the drift measured as train.drift_reference says."""
+        if self.cfg.drift_reference == "pre_batch":  # c ||W - W_before||^2: this batch's own steps so far, factored
+            return self.weight_grads(terms, records, before)
+        return self.weight_grads(terms)  # c ||W - W0||^2: every edit of the sequence so far
 
     def credit_check(self, tuples, h: float = 0.05) -> list[dict]:
         """How each step_credit's gradient compares with the edit it trains, on one batch from the current weights
@@ -455,10 +458,7 @@ class MetaTrainer:
             try:
                 for j in range(n_steps):
                     records += self._apply_steps(tuples, range(j, j + 1), prefix)
-                    if cfg.drift_reference == "pre_batch":  # as _sequential_batch_grads measures the drift
-                        out.append(self.weight_grads([(1.0, tuples, ref)], records, weights)[0])
-                    else:
-                        out.append(self.weight_grads([(1.0, tuples, ref)])[0])
+                    out.append(self._batch_weight_grads([(1.0, tuples, ref)], records, weights)[0])
             finally:
                 scale(k, 0.0)
             return out
