@@ -127,6 +127,10 @@ class TrainConfig:
     meta_lr: float = 1e-5
     scalar_lr_scale: float = 1.0  # multiplies the learning rate of eta and log-ridge
     max_grad_norm: float = 1.0
+    # Adam's rate over the run, as a factor of meta_lr (and of the scalars' rate) at training batch s of S:
+    # "constant" 1; "cosine" (1 + cos(pi s / S)) / 2; "linear" 1 - s / S. A decaying rate lets the late batches
+    # settle the networks instead of moving them as far as the first ones did
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     seq_optimizer_step: Literal["every_batch", "once_at_end"] = "every_batch"
     batch_step_chaining: Literal["reset", "chain"] = "reset"
     n_batches: int = 20  # training batches (sequential) or steps (batch mode); `epochs` overrides it

@@ -135,8 +135,24 @@ def build_optimizer(editor: Editor, cfg: TrainConfig) -> torch.optim.Optimizer:
     scalars = {id(p) for net_list in editor.nets for net in net_list for p in net.scalar_parameters()}
     main = [p for p in editor.parameters() if id(p) not in scalars]
     small = [p for p in editor.parameters() if id(p) in scalars]
-    groups = [{"params": main, "lr": cfg.meta_lr}, {"params": small, "lr": cfg.meta_lr * cfg.scalar_lr_scale}]
+    # base_lr: the rate train.lr_schedule scales (lr_factor)
+    groups = [{"params": main, "lr": cfg.meta_lr, "base_lr": cfg.meta_lr},
+              {"params": small, "lr": cfg.meta_lr * cfg.scalar_lr_scale, "base_lr": cfg.meta_lr * cfg.scalar_lr_scale}]
     return SlicedAdam([g for g in groups if g["params"]], betas=(0.9, 0.999), eps=1e-8, foreach=False)
+
+
+def lr_factor(schedule: str, step: int, total: int) -> float:
+    """The factor train.lr_schedule puts on Adam's rate at training batch `step` (0-based) of `total`: 1 (constant),
+    (1 + cos(pi step / total)) / 2 (cosine) or 1 - step / total (linear); the first batch always trains at the full
+    rate, the last at a fraction 1 / total of it or less."""
+    if schedule == "constant" or total <= 0:
+        return 1.0
+    x = min(max(step / total, 0.0), 1.0)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * x))
+    if schedule == "linear":
+        return 1.0 - x
+    raise ValueError(f"train.lr_schedule: expected constant, cosine or linear, got {schedule!r}")
 
 
 class MetaTrainer:
@@ -300,11 +316,14 @@ class MetaTrainer:
         needs_ref = cfg.loss in ("kl", "rledit_decay")
         recent = self.recent
         start = time.perf_counter()
+        total = len(batches)  # the schedule's length: a resumed run continues where it left off
         todo = batches[self.step:]
         bar = tqdm(todo, desc=f"meta-train {editor.cfg.name} ({editor.mode}, K={editor.cfg.n_steps})",
                    disable=(not progress) if progress is not None else None, unit="batch")
         for tuples in bar:
             n_edits = len(tuples.records)
+            for group in self.optimizer.param_groups:  # every optimiser step of this batch trains at its rate
+                group["lr"] = group.get("base_lr", group["lr"]) * lr_factor(cfg.lr_schedule, self.step, total)
             ref = self._reference_logits(tuples.unrel) if needs_ref else None
             # once_at_end accumulates over batches: a refused batch must not wipe (or poison) what came before
             kept = ({p: p.grad.clone() for p in editor.parameters() if p.grad is not None}

@@ -66,7 +66,7 @@ def expand_grid(axes: list[str]) -> list[list[str]]:
 _TRAINED_ONLY = frozenset({
     "editor.rank", "editor.step_rank", "train.loss", "train.edit_coef", "train.loc_coef", "train.reg_coef",
     "train.shift_reg", "train.back_depth", "train.time_decay", "train.kl_reference", "train.kl_positions",
-    "train.meta_lr", "train.scalar_lr_scale", "train.max_grad_norm", "train.seq_optimizer_step",
+    "train.meta_lr", "train.scalar_lr_scale", "train.max_grad_norm", "train.lr_schedule", "train.seq_optimizer_step",
     "train.batch_step_chaining", "train.n_batches", "train.sequence_length", "train.epochs", "train.retain_batches",
     "train.retain_coef", "train.edit_prompt_coef", "train.eval_every", "train.step_credit"})
 

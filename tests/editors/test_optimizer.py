@@ -4,7 +4,9 @@ computes, bit for bit, on random tensors and over a real training run, so result
 import pytest
 import torch
 
+from emsedit_fast.callbacks import Callback
 from emsedit_fast.trainer import SlicedAdam
+from emsedit_fast.trainer import lr_factor
 
 
 def _params(seed: int):
@@ -68,3 +70,51 @@ def test_sliced_adam_trains_exactly_as_the_multi_tensor_adam(tiny_trainer, tiny_
     assert losses == losses_foreach
     assert state.keys() == state_foreach.keys()
     assert all(torch.equal(state[k], state_foreach[k]) for k in state)
+
+
+def test_lr_factor_matches_the_schedules_by_hand():
+    assert [lr_factor("constant", s, 4) for s in range(4)] == [1.0] * 4
+    assert [lr_factor("linear", s, 4) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    cos = [lr_factor("cosine", s, 4) for s in range(4)]
+    assert cos == pytest.approx([1.0, (1 + 2 ** -0.5) / 2, 0.5, (1 - 2 ** -0.5) / 2], abs=1e-12)
+    with pytest.raises(ValueError, match="train.lr_schedule"):
+        lr_factor("step", 1, 4)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_training_follows_the_lr_schedule_and_a_resumed_run_continues_it(tiny_trainer, tiny_batches, schedule):
+    batches = tiny_batches(4)
+    overrides = ("editor.eta_param=log", "train.meta_lr=1e-3", "train.scalar_lr_scale=10",
+                 f"train.lr_schedule={schedule}")
+    seen = []
+
+    class Rates(Callback):
+        def on_train_step(self, trainer, metrics):
+            seen.append([g["lr"] for g in trainer.optimizer.param_groups])
+
+    trainer = tiny_trainer(*overrides)
+    trainer.callbacks.append(Rates())
+    trainer.train(batches, progress=False)
+    expected = [[1e-3 * lr_factor(schedule, s, 4), 1e-2 * lr_factor(schedule, s, 4)] for s in range(4)]
+    assert seen == [pytest.approx(e, rel=1e-12) for e in expected]
+    assert seen[0] != seen[-1]  # the rate did change
+
+    # stopped after two batches and resumed from its state: the last two batches train at the full run's rates
+    class Stop(Exception):
+        pass
+
+    class StopAfterTwo(Callback):
+        def on_train_step(self, trainer, metrics):
+            if metrics["step"] == 2:
+                raise Stop
+
+    stopped = tiny_trainer(*overrides)
+    stopped.callbacks.append(StopAfterTwo())
+    with pytest.raises(Stop):
+        stopped.train(batches, progress=False)
+    resumed = tiny_trainer(*overrides)
+    resumed.load_state_dict(stopped.state_dict())
+    seen.clear()
+    resumed.callbacks.append(Rates())
+    resumed.train(batches, progress=False)
+    assert seen == [pytest.approx(e, rel=1e-12) for e in expected[2:]]
