@@ -135,9 +135,7 @@ def build_optimizer(editor: Editor, cfg: TrainConfig) -> torch.optim.Optimizer:
     scalars = {id(p) for net_list in editor.nets for net in net_list for p in net.scalar_parameters()}
     main = [p for p in editor.parameters() if id(p) not in scalars]
     small = [p for p in editor.parameters() if id(p) in scalars]
-    # base_lr: the rate train.lr_schedule scales (lr_factor)
-    groups = [{"params": main, "lr": cfg.meta_lr, "base_lr": cfg.meta_lr},
-              {"params": small, "lr": cfg.meta_lr * cfg.scalar_lr_scale, "base_lr": cfg.meta_lr * cfg.scalar_lr_scale}]
+    groups = [{"params": main, "lr": cfg.meta_lr}, {"params": small, "lr": cfg.meta_lr * cfg.scalar_lr_scale}]
     return SlicedAdam([g for g in groups if g["params"]], betas=(0.9, 0.999), eps=1e-8, foreach=False)
 
 
@@ -323,7 +321,8 @@ class MetaTrainer:
         for tuples in bar:
             n_edits = len(tuples.records)
             for group in self.optimizer.param_groups:  # every optimiser step of this batch trains at its rate
-                group["lr"] = group.get("base_lr", group["lr"]) * lr_factor(cfg.lr_schedule, self.step, total)
+                # base_lr: the unscheduled rate, kept in the group (and its saved state) the first time it is scaled
+                group["lr"] = group.setdefault("base_lr", group["lr"]) * lr_factor(cfg.lr_schedule, self.step, total)
             ref = self._reference_logits(tuples.unrel) if needs_ref else None
             # once_at_end accumulates over batches: a refused batch must not wipe (or poison) what came before
             kept = ({p: p.grad.clone() for p in editor.parameters() if p.grad is not None}
