@@ -48,6 +48,12 @@ SMALL_MODEL_PROFILE = {"editor": {"rank": 256, "eta_init": 1e-3, "eta_param": "l
 # as CounterFact does): over three training seeds the trained editor validated from 1.3 points (mean of ES, GS and
 # LS-agree) below the untrained one to 4.3 above it (README, "zsRE, sequential 10 x 10"), so a run whose training
 # does not beat the untrained editor on validation ends with the untrained editor.
+# Adam's rate follows a cosine from meta_lr to 0 over the epoch (train.lr_schedule cosine). On the zsRE validation
+# part, seeds 0 / 1 / 2, ES / GS / LS-agree at the end of the epoch: cosine 92.8 / 80.7 / 79.2, 91.5 / 81.9 / 81.2,
+# 94.5 / 85.8 / 80.8; constant 94.4 / 84.3 / 77.1, 98.1 / 90.0 / 69.1, 85.0 / 75.0 / 80.3 (untrained 88.5 / 78.9 /
+# 76.9). Cosine's worst seed is 4.2 points better (mean of the three), every seed beats the untrained editor on all
+# three columns and LS-agree is 4.9 higher on average at the same ES: the runs end at small steps instead of at
+# whatever the last batches pushed the networks to.
 
 # SmolLM2-135M's edited modules on zsRE: gate_proj of layers 15-19 and up_proj of 22-27, five layers later than the
 # architecture default (LLaMA-3's list by relative depth: gate 10-14, up 17-22). On the zsRE validation part,
@@ -114,7 +120,7 @@ PLANS = {
         eval_label="held-out bundled subjects"),
     "small-zsre": Plan("small-zsre", _merge(SMALL_MODEL_PROFILE, {
         "model": {"name": "smollm2-135m"}, "train": {"epochs": 1, "sequence_length": 10, "eval_every": 0.5,
-                                                     "keep": "best"},
+                                                     "keep": "best", "lr_schedule": "cosine"},
         "data": {"n_edits": 10, "eval_batches": 10}}),
         modules={"smollm2-135m": SMOLLM2_LATE_MLP}, eval_slices=1, train_label="zsRE training part (500 records)",
         valid_label="zsRE validation part (100 records of the training part)",

@@ -94,3 +94,7 @@ def test_dataset_profile_edits_its_module_list_only_on_its_model(tmp_path):
     assert modules("--model", "tiny-llama") == ()                     # another model: its architecture's list
     assert modules("--set", "model.modules=[x\\.y]") == ("x\\.y",)     # the command line wins
     assert modules("--set", "model.modules=[]") == ()                 # ... also asking for the architecture's list
+    # the profile's rate schedule, and the command line over it
+    assert resolve_run(parser.parse_args(["--train-data", str(path)]))[0].train.lr_schedule == "cosine"
+    assert resolve_run(parser.parse_args(["--train-data", str(path), "--set", "train.lr_schedule=constant"]))[
+        0].train.lr_schedule == "constant"
