@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-edits", type=int, help="edits per batch (batch protocol: the batch size)")
     parser.add_argument("--batches", type=int, help="N batches for the sequential protocol")
     parser.add_argument("--slices", type=int, default=1, help="disjoint protocol slices to average over")
+    parser.add_argument("--offset", type=int, default=0, metavar="I",
+                        help="score the split's records from the I-th on (0-based), e.g. a second slice of a split "
+                             "too small for two disjoint ones")
     parser.add_argument("--curve", default="", help="also score after these batch counts, e.g. 1,2,5 (sequential)")
     parser.add_argument("--batch-size", type=int, default=16, help="evaluation forward batch size")
     parser.add_argument("--fluency-tokens", type=int, default=0, metavar="N",
@@ -92,6 +95,9 @@ def _run(args) -> int:
     os.makedirs(args.output, exist_ok=True)
     progress = False if args.no_progress else None
     records = api.load_split(session, args.split, source=args.data)
+    if not 0 <= args.offset < len(records):
+        raise ValueError(f"--offset {args.offset}: the {args.split} split has {len(records)} records (0-based index)")
+    records = records[args.offset:]
     data = args.data or (cfg.data.eval or cfg.data.train)
     rows = [("unedited", api.evaluate_slices(session, records, mode, n_edits, t, args.slices, edit=False,
                                              progress=progress))]
@@ -105,8 +111,9 @@ def _run(args) -> int:
             scored = api.evaluate_slices(session, records, mode, n_edits, t, args.slices, k, progress=progress)
         rows.append((f"{cfg.editor.name} K={k}", scored))
     shown = t if mode == "sequential" else 1
-    title = (f"{cfg.model.name}, {data} ({args.split} split): {mode} {shown} x {n_edits} edits, {args.slices} "
-             f"slice(s), seed {cfg.seed}, device {session.device}"
+    title = (f"{cfg.model.name}, {data} ({args.split} split"
+             + (f", records from {args.offset} on" if args.offset else "")
+             + f"): {mode} {shown} x {n_edits} edits, {args.slices} slice(s), seed {cfg.seed}, device {session.device}"
              + (f", checkpoint {args.checkpoint} (trained {meta['training_step']} batches)" if meta else ""))
     table = results_table(rows, title)
     print("\n" + table + "\n")
@@ -117,7 +124,7 @@ def _run(args) -> int:
             f.write(f"\n![{os.path.basename(path)}]({os.path.basename(path)})\n")
     write_json(os.path.join(args.output, "results.json"),
                {"title": title, "rows": {name: m for name, m in rows}, "checkpoint": args.checkpoint, "data": data,
-                "split": args.split})
+                "split": args.split, "offset": args.offset})
     log.info("wrote %s", ", ".join([os.path.join(args.output, n) for n in ("results.json", "report.md")] + plots))
     return 0
 

@@ -32,3 +32,29 @@ def test_train_writes_the_table_it_prints(tmp_path, capsys):
 def test_compare_writes_the_table_it_prints(tmp_path, capsys):
     rows = _printed_rows(compare, ["--methods", "emsedit,ultraedit", "--n-batches", "2"], tmp_path / "cmp", capsys)
     assert rows[:2] == ["method", "unedited"] and len(rows) == 5  # unedited, untrained, EMSEdit, UltraEdit
+
+
+def test_evaluate_offset_scores_the_records_from_that_index_on(tmp_path):
+    """--offset I scores records I, I+1, ... of the split: the unedited row equals the protocol run on records[I:]
+    through the API, and another offset scores other records."""
+    import json
+
+    from emsedit_fast import api
+    from emsedit_fast import evaluate
+    from emsedit_fast.config import load
+
+    argv = ["--model", "tiny-llama", "--device", "cpu", "--no-progress", "--unedited", "--n-edits", "2",
+            "--batches", "2"]
+    scores = {}
+    for offset in (0, 4):
+        out = tmp_path / f"ev{offset}"
+        assert evaluate.main(argv + ["--offset", str(offset), "--output", str(out)]) == 0
+        saved = json.loads((out / "results.json").read_text())
+        assert saved["offset"] == offset and (("records from 4 on" in saved["title"]) == (offset == 4))
+        scores[offset] = saved["rows"]["unedited"]
+    session = api.open_session(load("emsedit", overrides=["model.name=tiny-llama", "model.device=cpu"]))
+    records = api.load_split(session, "eval")
+    direct = api.evaluate_protocol(session, records[4:8], "sequential", 2, 2, edit=False, progress=False)
+    for key in ("es", "gs", "ls_agree"):
+        assert scores[4][key] == direct[key], key
+    assert [r.case_id for r in records[0:4]] != [r.case_id for r in records[4:8]]

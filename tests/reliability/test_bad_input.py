@@ -199,6 +199,8 @@ CASES = [
     ("eval-negative-n", "evaluate", TINY + ["--unedited", "--n-edits", "-3", "--output", "{root}/ev"], ["n_edits"]),
     ("eval-batches-0", "evaluate", TINY + ["--unedited", "--batches", "0", "--output", "{root}/ev"],
      ["--batches", ">= 1", "got 0"]),
+    ("eval-offset-past-the-end", "evaluate", TINY + ["--unedited", "--offset", "100000", "--output", "{root}/ev"],
+     ["--offset 100000", "eval split has", "records"]),
     ("eval-fluency-negative", "evaluate", TINY + ["--unedited", "--fluency-tokens", "-1", "--output", "{root}/ev"],
      ["--fluency-tokens", ">= 0"]),
     # facts given to the edit command
