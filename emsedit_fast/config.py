@@ -325,16 +325,32 @@ def _one_line(err: Exception) -> str:
     return " ".join(str(err).split())
 
 
+def editor_names() -> tuple[str, ...]:
+    """The editors a config can name (EditorConfig.name's choices)."""
+    return typing.get_args(typing.get_type_hints(EditorConfig)["name"])
+
+
 def load(editor: str = "emsedit", mode: str | None = None, files: list[str] = (), overrides: list[str] = (),
          extra: dict | None = None, defaults: dict | None = None) -> RunConfig:
     """Resolve a run config, later sources winning: the editor preset, `mode` (default: the preset's),
-    `defaults` (a command's own), YAML `files`, `extra` (explicit flags), then dotted `overrides`."""
+    `defaults` (a command's own), YAML `files`, `extra` (explicit flags), then dotted `overrides`.
+
+    `defaults` may hold an "editors" section, {editor name: settings}, merged over the rest of `defaults` only when
+    loading that editor: a profile's choices for one method (the CounterFact profile's KL locality loss for EMSEdit)
+    then leave the others' presets alone (RLEdit's decayed loss, MALMEN's KL weight)."""
     values = preset("editor", editor)
     values.setdefault("editor", {})["name"] = values.get("editor", {}).get("name", editor)
     if mode is not None:
         values = _merge(values, {"train": {"mode": mode}})
     if defaults:
+        defaults = dict(defaults)
+        per_editor = defaults.pop("editors", {})
+        unknown = sorted(set(per_editor) - set(editor_names()))
+        if unknown:
+            raise ConfigError(f"defaults: 'editors' names unknown editor(s) {unknown}; choose from "
+                              f"{', '.join(editor_names())}")
         values = _merge(values, defaults)
+        values = _merge(values, per_editor.get(values["editor"]["name"], {}))
     for path in files:
         try:
             with open(path) as f:
@@ -381,7 +397,7 @@ def apply_reference_profile(cfg: RunConfig) -> RunConfig:
 def add_run_arguments(parser, mode: bool = True) -> None:
     """Options shared by the commands (train, evaluate, edit, compare, distributed, sweep): what to load and how.
     mode=False leaves out --mode (edit: the checkpoint's mode is fixed)."""
-    parser.add_argument("--editor", default="emsedit", choices=["emsedit", "malmen", "rledit", "mend", "ultraedit"])
+    parser.add_argument("--editor", default="emsedit", choices=editor_names())
     if mode:
         parser.add_argument("--mode", choices=["sequential", "batch"],
                             help="sequential (lifelong: many small batches) or batch editing (default: the editor's)")

@@ -98,3 +98,27 @@ def test_dataset_profile_edits_its_module_list_only_on_its_model(tmp_path):
     assert resolve_run(parser.parse_args(["--train-data", str(path)]))[0].train.lr_schedule == "cosine"
     assert resolve_run(parser.parse_args(["--train-data", str(path), "--set", "train.lr_schedule=constant"]))[
         0].train.lr_schedule == "constant"
+
+
+def test_profile_settings_for_one_editor_leave_the_other_presets_alone():
+    """defaults["editors"][name] applies only when loading that editor, over the rest of the defaults and under the
+    command line; the CounterFact profile's KL meta-loss is EMSEdit's, while RLEdit and MALMEN keep their losses."""
+    from emsedit_fast.comparison import method_config
+    from emsedit_fast.profiles import PLANS
+
+    defaults = {"train": {"loc_coef": 2.0}, "editors": {"emsedit": {"train": {"loss": "kl", "loc_coef": 10.0}}}}
+    assert (load("emsedit", defaults=defaults).train.loss, load("emsedit", defaults=defaults).train.loc_coef) == (
+        "kl", 10.0)
+    assert load("rledit", defaults=defaults).train.loss == "rledit_decay"
+    assert load("rledit", defaults=defaults).train.loc_coef == 2.0         # the shared part still applies
+    assert load("emsedit", defaults=defaults, overrides=["train.loss=l2"]).train.loss == "l2"
+    with pytest.raises(ConfigError, match="'editors' names unknown editor"):
+        load("emsedit", defaults={"editors": {"emsedt": {}}})
+
+    cf = PLANS["small-counterfact"].defaults
+    base = load("emsedit", defaults=cf)
+    assert (base.train.loss, base.train.loc_coef, base.train.step_credit) == ("kl", 10.0, "last")
+    got = {m: method_config(base, m, [], cf).train for m in ("emsedit1", "rledit", "malmen")}
+    assert (got["emsedit1"].loss, got["emsedit1"].step_credit) == ("kl", "last")
+    assert (got["rledit"].loss, got["rledit"].step_credit) == ("rledit_decay", "final")
+    assert (got["malmen"].loss, got["malmen"].loc_coef, got["malmen"].step_credit) == ("kl", 0.6, "final")
