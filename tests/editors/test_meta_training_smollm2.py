@@ -37,6 +37,7 @@ def test_trained_zsre_editor_beats_the_untrained_editor_on_validation(tmp_path):
         pytest.skip(f"zsRE records not found at {ZSRE} (set EMSEDIT_ZSRE)")
     start, widest = _points(tmp_path, "untrained", "--grid", "editor.eta_init=1e-3,1.5e-3")
     (trained,) = _points(tmp_path, "trained", "--train")
+
     def mean(p):
         return (p["es"] + p["gs"] + p["ls_agree"]) / 3
 
