@@ -124,14 +124,20 @@ def open_session(cfg: RunConfig | None = None, *, checkpoint: str | None = None,
     return session
 
 
+def split_source(cfg: RunConfig, split: str) -> str:
+    """The records file (or 'bundled') a split of the run is read from: train and valid come from cfg.data.train (the
+    validation split is carved from the training source), eval from cfg.data.eval (else the training source)."""
+    return (cfg.data.eval or cfg.data.train) if split == "eval" else cfg.data.train
+
+
 def load_split(session_or_cfg, split: str, source: str | None = None) -> list[EditRecord]:
-    """Records of `split` ("train", "valid" or "eval") of the run: train and valid come from cfg.data.train (the
-    validation split is carved from the training source), eval from cfg.data.eval; `source` overrides the file."""
+    """Records of `split` ("train", "valid" or "eval") of the run, from `split_source`; `source` overrides the
+    file."""
     from emsedit_fast.data.splits import load_split as _load
 
     cfg = session_or_cfg.cfg if isinstance(session_or_cfg, Session) else session_or_cfg
     if source is None:
-        source = (cfg.data.eval or cfg.data.train) if split == "eval" else cfg.data.train
+        source = split_source(cfg, split)
     seed = cfg.seed if source == "bundled" else cfg.data.zsre_split_seed
     return _load(source, split, fmt=cfg.data.format, seed=seed, valid_size=cfg.data.valid_size,
                  train_source=cfg.data.train if split == "eval" else None)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import types
 import typing
@@ -325,6 +326,7 @@ def _one_line(err: Exception) -> str:
     return " ".join(str(err).split())
 
 
+@functools.cache
 def editor_names() -> tuple[str, ...]:
     """The editors a config can name (EditorConfig.name's choices)."""
     return typing.get_args(typing.get_type_hints(EditorConfig)["name"])

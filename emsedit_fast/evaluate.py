@@ -98,7 +98,7 @@ def _run(args) -> int:
     if not 0 <= args.offset < len(records):
         raise ValueError(f"--offset {args.offset}: the {args.split} split has {len(records)} records (0-based index)")
     records = records[args.offset:]
-    data = args.data or ((cfg.data.eval or cfg.data.train) if args.split == "eval" else cfg.data.train)
+    data = args.data or api.split_source(cfg, args.split)
     rows = [("unedited", api.evaluate_slices(session, records, mode, n_edits, t, args.slices, edit=False,
                                              progress=progress))]
     if meta is not None:
