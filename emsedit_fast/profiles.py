@@ -62,7 +62,8 @@ SMALL_MODEL_PROFILE = {"editor": {"rank": 256, "eta_init": 1e-3, "eta_param": "l
 # the three columns after keep-best): 86.9 / 88.1 / 85.4 (seed 2 validated below its untrained editor and kept it),
 # against 84.2 / 84.9 / 87.0 for the K = 2 profile before; means over the seeds 98.5 / 79.2 / 82.7 against 92.9 / 82.8
 # / 80.4 (+5.6 ES, +2.3 LS-agree, -3.6 GS). One seed each, also measured at K = 4: the drift penalty c = 0.01 in place
-# of the KL (98.1 / 80.4 / 79.5) and the KL without the edit prompt's loss (96.8 / 76.2 / 79.3). At K = 3 training was
+# of the KL (98.1 / 80.4 / 79.5) and the KL without the edit prompt's loss (96.8 / 76.2 / 79.3); a fourth seed, run
+# after the choice, kept its untrained editor as seed 2 did (96.5 / 77.1 / 78.2 at the end). At K = 3 training was
 # seed-fragile with every loss tried (drift penalty, KL, Adam 5e-5, c = 0.02: ES 81-95 from an untrained 94.7).
 
 # SmolLM2-135M's edited modules on zsRE: gate_proj of layers 15-19 and up_proj of 22-27, five layers later than the
