@@ -26,6 +26,27 @@ def test_auto_falls_back_to_reference_when_cpp_lacks_the_kernel():
     assert name == "reference"
 
 
+def test_cached_choices_follow_the_request_and_the_implementations(monkeypatch):
+    """A choice is remembered per (op, request, device, dtypes, implemented backends): a later request, or an op table
+    without the remembered backend, chooses afresh, and every call is still recorded."""
+    from emsedit_fast import _ext
+
+    x = torch.zeros(2)
+    fast = "cpp" if _ext.load_error() is None else "reference"
+    for _ in range(2):
+        with ops.record_backends() as seen:
+            assert select("cached_op_", _impls(), (x,))[0] == "reference"   # no C++ kernel of that name
+            assert select("restore_", _impls(), (x,))[0] == fast
+            assert select("restore_", _impls(), (x,), "reference")[0] == "reference"
+            assert select("restore_", {"reference": lambda: None}, (x,))[0] == "reference"
+            with ops.use_backend("reference"):
+                assert select("restore_", _impls(), (x,))[0] == "reference"
+            monkeypatch.setenv(ENV_VAR, "reference")
+            assert select("restore_", _impls(), (x,))[0] == "reference"
+            monkeypatch.delenv(ENV_VAR)
+        assert seen == {"cached_op_": {"reference"}, "restore_": {fast, "reference"}}
+
+
 def test_fast_refuses_the_reference():
     with pytest.raises(NotImplementedError, match="no_such_op: no backend can serve backend='fast'"):
         select("no_such_op", _impls(), (torch.zeros(2),), "fast")

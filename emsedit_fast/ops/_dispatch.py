@@ -250,7 +250,7 @@ def select(op: str, impls: dict[str, Callable], tensors: tuple[torch.Tensor, ...
     # per-call cost of small ops (a few microseconds of a ~0.5 ms op at SmolLM2 shapes). A choice that weighed Triton
     # is not cached: its support follows the environment (TRITON_INTERPRET, the device) and is re-checked each call.
     compiling = torch.compiler.is_compiling()
-    key = (op, request, device, dtypes, id(impls)) if extra_reasons is None and not compiling else None
+    key = (op, request, device, dtypes, tuple(impls)) if extra_reasons is None and not compiling else None
     name = _CHOSEN.get(key) if key is not None else None
     if name is not None:
         _record(op, name, device, tensors)
@@ -317,7 +317,7 @@ def _static_reasons(op: str, name: str, device: str, dtypes: tuple[str, ...]) ->
 _STATIC_REASONS: dict[tuple, tuple[str, ...]] = {}
 
 
-# {(op, request, device, floating dtypes, id of the op's implementation table): backend name}, see select
+# {(op, request, device, floating dtypes, the backends the op implements): backend name}, see select
 _CHOSEN: dict[tuple, str] = {}
 
 
