@@ -239,17 +239,14 @@ def select(op: str, impls: dict[str, Callable], tensors: tuple[torch.Tensor, ...
     impls maps backend name -> callable. tensors are the inputs whose device and dtype decide. extra_reasons(name)
     may add op-specific refusals (shape limits, say); it must depend only on shapes, so that it can be traced.
     """
-    if torch.compiler.is_compiling():
-        request = _traced_request(backend)
-    else:
-        request = requested_backend(backend)
+    compiling = torch.compiler.is_compiling()
+    request = _traced_request(backend) if compiling else requested_backend(backend)
     device = tensors[0].device.type if tensors else "cpu"
     dtypes = tuple(sorted({str(t.dtype) for t in tensors if t.is_floating_point()}))
     # The choice depends only on (op, request, device, dtypes) when the op adds no shape limits and the backend's
     # support is fixed once imported (reference, C++): such choices are cached, which takes the selection off the
     # per-call cost of small ops (a few microseconds of a ~0.5 ms op at SmolLM2 shapes). A choice that weighed Triton
     # is not cached: its support follows the environment (TRITON_INTERPRET, the device) and is re-checked each call.
-    compiling = torch.compiler.is_compiling()
     key = (op, request, device, dtypes, tuple(impls)) if extra_reasons is None and not compiling else None
     name = _CHOSEN.get(key) if key is not None else None
     if name is not None:
