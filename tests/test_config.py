@@ -125,11 +125,12 @@ def test_profile_settings_for_one_editor_leave_the_other_presets_alone():
 
     zs = PLANS["small-zsre"].defaults      # zsRE: EMSEdit's K, step size and meta-loss; the others keep theirs
     base = load("emsedit", defaults=zs)
-    assert (base.editor.n_steps, base.editor.eta_init, base.train.loss, base.train.edit_prompt_coef) == (
-        4, 6e-4, "kl", 1.0)
+    assert (base.editor.n_steps, base.editor.eta_init, base.editor.edit_prior, base.train.loss,
+            base.train.edit_prompt_coef) == (4, 6e-4, 1.0, "kl", 1.0)
     got = {m: method_config(base, m, [], zs) for m in ("emsedit1", "emsedit", "rledit")}
     assert (got["emsedit1"].editor.n_steps, got["emsedit1"].editor.eta_init, got["emsedit1"].train.loss) == (
         1, 6e-4, "kl")
     assert got["emsedit"].editor.n_steps == 2
-    assert (got["rledit"].editor.n_steps, got["rledit"].editor.eta_init) == (1, 1e-3)
+    assert (got["rledit"].editor.n_steps, got["rledit"].editor.eta_init, got["rledit"].editor.edit_prior) == (
+        1, 1e-3, 1.0)
     assert (got["rledit"].train.loss, got["rledit"].train.edit_prompt_coef) == ("rledit_decay", 0.0)
