@@ -9,7 +9,9 @@ The zsRE work: SmolLM2-135M in bf16, gate_proj 10-14 + up_proj 17-23 (one shape 
 EMSEdit K = 2 with the small-model profile, batches of 10 zsRE edits read from --zsre-data at run time (skipped when
 the file is absent; never committed). --smoke: the tiny LLaMA in bf16 (rank 8) on the bundled facts. The model,
 edited modules and editor come from the engine's own session (emsedit_fast.api.open_session), so the benchmark
-measures whatever the engine does (e.g. the edited layers' dtype, model.edited_dtype).
+measures whatever the engine does (e.g. the edited layers' dtype, model.edited_dtype, and the attention
+implementation, model.attention: eager for this bf16 model on the CPU). The floors run on that same model, so they
+use the engine's attention too.
 
 Providers:
     floor             the bare passes over the same tokens: parameters frozen, the lowest edited module's output the
@@ -25,7 +27,8 @@ bench_end_to_end_train: MetaTrainer.train on one batch (K captures and steps, th
     rephrase tokens.
 extra_info: phases_s (capture, normaliser, hypernet, value targets, solve, update, checks, meta-loss pass,
 meta-gradient, optimizer; a call inside a phase counts to the outer one), seconds per edit, the step's absolute peak
-RSS (peak_rss_bytes: the whole process, model and pytest included).
+RSS (peak_rss_bytes: the whole process, model and pytest included); for the fused engines also variants_paired_s,
+the engine timed side by side with itself without the prefix reuse and with SDPA attention (`_side_by_side_effects`).
 """
 
 import dataclasses
@@ -333,41 +336,49 @@ def _make(kind):
 def bench_end_to_end_edit(benchmark, case, provider, device):
     _engine.run_engine_bench(benchmark, "end_to_end_edit", case, provider, device, _make(EditStep))
     _per_edit(benchmark)
-    _prefix_reuse_effect(benchmark, EditStep, case, provider, device)
+    _side_by_side_effects(benchmark, EditStep, case, provider, device)
 
 
 @pytest.mark.bench(SPEC)
 def bench_end_to_end_train(benchmark, case, provider, device):
     _engine.run_engine_bench(benchmark, "end_to_end_train", case, provider, device, _make(TrainStep))
     _per_edit(benchmark)
-    _prefix_reuse_effect(benchmark, TrainStep, case, provider, device)
+    _side_by_side_effects(benchmark, TrainStep, case, provider, device)
 
 
-def _prefix_reuse_effect(benchmark, kind, case_id, provider, device):
-    """The fused engine with and without editor.reuse_prefix, timed side by side on the same workload
-    (extra_info prefix_reuse_paired_s {"reuse": [...], "whole": [...]}, seconds per round): what running the layers
-    below the lowest edited module once per batch, rather than once per capture pass, saves."""
+def _side_by_side_effects(benchmark, kind, case_id, provider, device):
+    """The fused engine as it runs, without editor.reuse_prefix, and with PyTorch's SDPA attention in place of the
+    engine's choice (model.attention auto: eager for this bf16 model on the CPU), timed side by side on the same
+    workload (extra_info variants_paired_s {"engine": [...], "whole": [...], "sdpa": [...]}, seconds per round):
+    what running the layers below the lowest edited module once per batch saves, and what the attention choice
+    saves."""
     if provider not in _harness.KERNELS or (provider == "triton" and device == "cpu"):
         return
     work = kind(_cases.CASES[case_id], provider, device)
-    reuse = work.editor.cfg
-    whole = dataclasses.replace(reuse, reuse_prefix=False)
+    engine_cfg, model = work.editor.cfg, work.s.model
+    attention = model.config._attn_implementation
+    benchmark.extra_info["attention"] = attention
 
-    def run_with(cfg):
+    def run_with(reuse_prefix=True, sdpa=False):
         def run():
-            work.editor.cfg = cfg
+            work.editor.cfg = dataclasses.replace(engine_cfg, reuse_prefix=reuse_prefix)
+            if sdpa:
+                model.set_attn_implementation("sdpa")
             try:
                 work.run()
             finally:
-                work.editor.cfg = reuse
+                work.editor.cfg = engine_cfg
+                model.set_attn_implementation(attention)
         return run
 
+    calls = {"engine": (run_with(), work.reset), "whole": (run_with(reuse_prefix=False), work.reset)}
+    if attention != "sdpa":
+        calls["sdpa"] = (run_with(sdpa=True), work.reset)
     try:
         work.reset()
         work.run()  # untimed first call
         rounds = 3 if _harness.SETTINGS.smoke else 5
-        benchmark.extra_info["prefix_reuse_paired_s"] = _harness.paired_rounds(
-            {"reuse": (run_with(reuse), work.reset), "whole": (run_with(whole), work.reset)}, rounds, device)
+        benchmark.extra_info["variants_paired_s"] = _harness.paired_rounds(calls, rounds, device)
     finally:
         work.close()
 

@@ -223,19 +223,26 @@ def e2e_section(r, name):
             split = ", ".join(f"{k} {fmt_time(ph[k])}" for k in PHASES if ph.get(k))
             rows.append([case, prov, fmt_time(e["median"]), fmt_time(i.get("seconds_per_edit")), x(e.get("x_floor")),
                          x(e.get("vs_competent")), x(e.get("vs_competent_paired")), x(e.get("vs_reference")),
-                         x(_prefix_gain(i)), fmt_bytes(i.get("peak_rss_bytes")), split or "–", i.get("gate", "?")])
+                         x(_paired_gain(i, "whole")), _attention_gain(i), fmt_bytes(i.get("peak_rss_bytes")),
+                         split or "–", i.get("gate", "?")])
     return table(["case", "provider", "median", "per edit", "x floor (median / floor)", "competent / this",
                   "competent / this, side by side", "reference / this",
-                  "whole passes / prefix reuse, side by side", "peak RSS (process)",
-                  "where the time goes (per call)", "gate"], rows)
+                  "whole passes / prefix reuse, side by side", "SDPA / the engine's attention, side by side",
+                  "peak RSS (process)", "where the time goes (per call)", "gate"], rows)
 
 
-def _prefix_gain(info):
-    """median(whole) / median(reuse) of the benchmark's side-by-side rounds with and without editor.reuse_prefix."""
-    p = info.get("prefix_reuse_paired_s")
-    if not p or not p.get("reuse") or not p.get("whole"):
+def _paired_gain(info, variant):
+    """median(variant) / median(engine) of the benchmark's side-by-side rounds of the engine as it runs and the
+    variant (whole: without editor.reuse_prefix; sdpa: PyTorch's SDPA attention in place of the engine's)."""
+    p = info.get("variants_paired_s") or {}
+    if not p.get("engine") or not p.get(variant):
         return None
-    return statistics.median(p["whole"]) / statistics.median(p["reuse"])
+    return statistics.median(p[variant]) / statistics.median(p["engine"])
+
+
+def _attention_gain(info):
+    gain = _paired_gain(info, "sdpa")
+    return "–" if gain is None else f"{x(gain)} ({info.get('attention')})"
 
 
 def targets_section(r):

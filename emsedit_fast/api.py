@@ -26,6 +26,7 @@ from emsedit_fast.models.adapter import EditedModule
 from emsedit_fast.models.adapter import default_module_patterns
 from emsedit_fast.models.adapter import promote_edited_modules
 from emsedit_fast.models.adapter import resolve_modules
+from emsedit_fast.models.adapter import set_attention
 from emsedit_fast.protocol import evaluate_protocol  # noqa: F401  (part of the API)
 from emsedit_fast.protocol import evaluate_slices  # noqa: F401  (part of the API)
 from emsedit_fast.protocol import protocol_pre_edit  # noqa: F401  (part of the API)
@@ -103,6 +104,7 @@ def open_session(cfg: RunConfig | None = None, *, checkpoint: str | None = None,
         device = next(model.parameters()).device
         model.eval()
         model.requires_grad_(False)
+    set_attention(model, cfg.model.attention)
     patterns = list(cfg.model.modules) or default_module_patterns(model, cfg.train.mode)
     modules = resolve_modules(model, patterns)
     if cfg.model.edited_dtype != "model":

@@ -46,6 +46,10 @@ class ModelConfig:
     # the edited layers' weights in a bf16 / fp16 model: kept in float32 (auto: when the model is not fp32), so
     # that edits are not rounded away, or left in the model's dtype ("model")
     edited_dtype: Literal["auto", "float32", "model"] = "auto"
+    # the attention implementation of the model's forward: auto = eager for a bf16 / fp16 model on the CPU (its
+    # backward is several times faster there than PyTorch's fused SDPA kernel), else the model's own; or forced
+    # (emsedit_fast.models.adapter.set_attention)
+    attention: Literal["auto", "eager", "sdpa"] = "auto"
 
     def __post_init__(self):
         _check(self.max_length >= 8, "model.max_length", "must be >= 8")

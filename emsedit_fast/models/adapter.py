@@ -97,6 +97,45 @@ def promote_edited_modules(modules: Sequence[EditedModule], dtype: torch.dtype =
     return promoted
 
 
+def set_attention(model: nn.Module, choice: str = "auto") -> str:
+    """Set the attention implementation of a Hugging Face model's forward; returns the one in effect afterwards.
+
+    choice "eager" or "sdpa": that implementation (ValueError naming `model.attention` when the model cannot take
+    it). "auto": "eager" for a bf16 / fp16 model on the CPU, else the model is left as it is.
+
+    Why eager there: every capture pass, and in meta-training the meta-loss pass, runs the attention backward, and
+    on the CPU PyTorch's fused SDPA kernel is slow at it in bf16. Forward + backward of one SmolLM2 attention over
+    10 prompts of 17 tokens (9 heads of 64) took 3.4 ms through SDPA and 0.8 ms as eager's matmul, fp32 softmax,
+    matmul (two threads; 8.9 vs 2.2 ms for 20 prompts of 30 tokens). In fp32 a whole SmolLM2 edit step timed within
+    1% with either, so fp32 models keep theirs (and their numerics). Eager's fp32 softmax is also the closer to the
+    fp32 model: on 60 zsRE prompts the bf16 model's next-token KL to the fp32 model was 0.0037 with eager and 0.0056
+    with SDPA. End to end: benchmarks/bench_end_to_end.py times both side by side (BENCHMARKS.md).
+    """
+    if choice not in ("auto", "eager", "sdpa"):
+        raise ValueError(f"model.attention: {choice!r} is not one of 'auto', 'eager', 'sdpa'")
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if choice == "auto":
+        first = next((p for p in model.parameters() if p.is_floating_point()), None)
+        low_precision_cpu = first is not None and first.device.type == "cpu" and first.dtype in (torch.bfloat16,
+                                                                                                  torch.float16)
+        if not low_precision_cpu or current in (None, "eager"):
+            return current
+        choice = "eager"
+    if current == choice:
+        return current
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is None:
+        raise ValueError(f"model.attention: {type(model).__name__} has no set_attn_implementation, so its attention "
+                         f"cannot be set to {choice!r}; use model.attention=auto")
+    try:
+        setter(choice)
+    except (ValueError, ImportError) as err:
+        raise ValueError(f"model.attention: {type(model).__name__} cannot use {choice!r} attention ({err})") from err
+    logger.info("attention implementation: %s (was %s)", choice, current)
+    return model.config._attn_implementation
+
+
 def module_layout(module: nn.Module) -> tuple[int, int, bool]:
     """(d_in, d_out, transposed) of an `nn.Linear` or GPT-2 `Conv1D`; TypeError for anything else.
 

@@ -24,6 +24,7 @@ from emsedit_fast.models.adapter import fingerprint_details
 from emsedit_fast.models.adapter import group_by_shape
 from emsedit_fast.models.adapter import module_layout
 from emsedit_fast.models.adapter import resolve_modules
+from emsedit_fast.models.adapter import set_attention
 from emsedit_fast.models.tiny import tiny_gpt2
 from emsedit_fast.models.tiny import tiny_llama
 
@@ -234,3 +235,62 @@ def test_fingerprint_bf16(llama):
     fp = fingerprint(model, mods)
     assert fp != fingerprint(llama, resolve_modules(llama, default_module_patterns(llama)))
     assert fingerprint_details(model, mods)["modules"][0]["dtype"] == "bfloat16"
+
+
+def _sdpa_llama(dtype=torch.float32):
+    model = tiny_llama().to(dtype)
+    model.set_attn_implementation("sdpa")  # the tiny models are built eager; a downloaded LLaMA comes with SDPA
+    return model
+
+
+def test_attention_auto_is_eager_for_low_precision_on_cpu():
+    assert set_attention(_sdpa_llama(), "auto") == "sdpa"  # fp32: the model keeps its own
+    for dtype in (torch.bfloat16, torch.float16):
+        model = _sdpa_llama(dtype)
+        assert set_attention(model, "auto") == "eager"
+        assert model.config._attn_implementation == "eager"
+    gpt2 = tiny_gpt2().to(torch.bfloat16)
+    gpt2.set_attn_implementation("sdpa")
+    assert set_attention(gpt2, "auto") == "eager"
+
+
+def test_attention_can_be_forced_and_bad_values_are_refused():
+    model = _sdpa_llama(torch.bfloat16)
+    assert set_attention(model, "sdpa") == "sdpa"
+    assert set_attention(model, "eager") == "eager"
+    assert set_attention(model, "sdpa") == "sdpa"
+    with pytest.raises(ValueError, match="model.attention: 'flash' is not one of"):
+        set_attention(model, "flash")
+    with pytest.raises(ValueError, match="model.attention: Linear has no set_attn_implementation"):
+        set_attention(torch.nn.Linear(2, 2), "eager")
+    assert set_attention(torch.nn.Linear(2, 2), "auto") is None  # not a transformers model: left alone
+
+
+def test_session_applies_model_attention_and_the_edit_does_not_depend_on_it():
+    """open_session sets the attention of the model it is given (auto: eager in bf16 on the CPU), and in fp32 an edit
+    through eager attention equals the one through SDPA to rounding."""
+    from emsedit_fast import api
+    from emsedit_fast.config import load
+    from emsedit_fast.data.edit_batch import tokenize_batch
+    from emsedit_fast.data.facts import bundled_facts
+    from emsedit_fast.models.tiny import tiny_tokenizer
+
+    base = ["editor.rank=16", "editor.eta_init=1e-2"]
+    session = api.open_session(load("emsedit", overrides=[*base, "model.dtype=bfloat16"]),
+                               model=_sdpa_llama(torch.bfloat16), tokenizer=tiny_tokenizer())
+    assert session.model.config._attn_implementation == "eager"
+    session = api.open_session(load("emsedit", overrides=[*base, "model.dtype=bfloat16", "model.attention=sdpa"]),
+                               model=_sdpa_llama(torch.bfloat16), tokenizer=tiny_tokenizer())
+    assert session.model.config._attn_implementation == "sdpa"
+
+    edited = {}
+    for attention in ("sdpa", "eager"):
+        cfg = load("emsedit", overrides=[*base, f"model.attention={attention}"])
+        session = api.open_session(cfg, model=_sdpa_llama(), tokenizer=tiny_tokenizer())
+        assert session.model.config._attn_implementation == attention
+        batch = tokenize_batch(session.tokenizer, bundled_facts("eval")[:4], 4, need_equiv=False)
+        session.editor.edit(batch.edit)
+        edited[attention] = [w - b.to(w.dtype) for w, b in zip(session.editor.weights(), session.editor.base)]
+    for got, ref in zip(edited["eager"], edited["sdpa"]):
+        assert ref.abs().max() > 0  # the edit moved the weights
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
