@@ -332,18 +332,20 @@ def _make(kind):
     return make
 
 
-@pytest.mark.bench(SPEC)
-def bench_end_to_end_edit(benchmark, case, provider, device):
-    _engine.run_engine_bench(benchmark, "end_to_end_edit", case, provider, device, _make(EditStep))
-    _per_edit(benchmark)
-    _side_by_side_effects(benchmark, EditStep, case, provider, device)
-
-
+# The training step runs first: its peak RSS (the whole process's) is held to a target, so it is measured before the
+# edit benchmark's runs (among them the SDPA variant) have grown the heap it is measured on.
 @pytest.mark.bench(SPEC)
 def bench_end_to_end_train(benchmark, case, provider, device):
     _engine.run_engine_bench(benchmark, "end_to_end_train", case, provider, device, _make(TrainStep))
     _per_edit(benchmark)
     _side_by_side_effects(benchmark, TrainStep, case, provider, device)
+
+
+@pytest.mark.bench(SPEC)
+def bench_end_to_end_edit(benchmark, case, provider, device):
+    _engine.run_engine_bench(benchmark, "end_to_end_edit", case, provider, device, _make(EditStep))
+    _per_edit(benchmark)
+    _side_by_side_effects(benchmark, EditStep, case, provider, device)
 
 
 def _side_by_side_effects(benchmark, kind, case_id, provider, device):
