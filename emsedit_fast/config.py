@@ -136,6 +136,9 @@ class TrainConfig:
     # "constant" 1; "cosine" (1 + cos(pi s / S)) / 2; "linear" 1 - s / S. A decaying rate lets the late batches
     # settle the networks instead of moving them as far as the first ones did
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    # the first fraction of the run over which that rate also rises linearly from 1 / w of it (w batches) to all
+    # of it (0: no warmup)
+    warmup: float = 0.0
     seq_optimizer_step: Literal["every_batch", "once_at_end"] = "every_batch"
     batch_step_chaining: Literal["reset", "chain"] = "reset"
     n_batches: int = 20  # training batches (sequential) or steps (batch mode); `epochs` overrides it
@@ -167,6 +170,7 @@ class TrainConfig:
         _check(self.meta_lr > 0, "train.meta_lr", "must be > 0")
         _check(self.n_batches >= 1, "train.n_batches", "must be >= 1")
         _check(self.epochs >= 0, "train.epochs", "must be >= 0")
+        _check(0 <= self.warmup <= 1, "train.warmup", "must be a fraction of the run in [0, 1]")
         _check(self.retain_batches >= 0, "train.retain_batches", "must be >= 0")
         _check(self.retain_coef >= 0, "train.retain_coef", "must be >= 0")
         _check(self.edit_prompt_coef >= 0, "train.edit_prompt_coef", "must be >= 0")

@@ -139,17 +139,24 @@ def build_optimizer(editor: Editor, cfg: TrainConfig) -> torch.optim.Optimizer:
     return SlicedAdam([g for g in groups if g["params"]], betas=(0.9, 0.999), eps=1e-8, foreach=False)
 
 
-def lr_factor(schedule: str, step: int, total: int) -> float:
+def lr_factor(schedule: str, step: int, total: int, warmup: float = 0.0) -> float:
     """The factor train.lr_schedule puts on Adam's rate at training batch `step` (0-based) of `total`: 1 (constant),
     (1 + cos(pi step / total)) / 2 (cosine) or 1 - step / total (linear); the first batch always trains at the full
-    rate, the last at a fraction 1 / total of it or less."""
+    rate, the last at a fraction 1 / total of it or less.
+
+    warmup (train.warmup, a fraction of the run): over its first w = ceil(warmup * total) batches the factor also
+    rises linearly, (step + 1) / w, so that the first batches, whose meta-gradients come from networks that have
+    not learnt anything yet, move them by a fraction of the full rate (1 / w at the first batch)."""
+    ramp = 1.0
+    if warmup > 0 and total > 0:
+        ramp = min(1.0, (step + 1) / max(1, math.ceil(warmup * total)))
     if schedule == "constant" or total <= 0:
-        return 1.0
+        return ramp
     x = min(max(step / total, 0.0), 1.0)
     if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * x))
+        return ramp * 0.5 * (1.0 + math.cos(math.pi * x))
     if schedule == "linear":
-        return 1.0 - x
+        return ramp * (1.0 - x)
     raise ValueError(f"train.lr_schedule: expected constant, cosine or linear, got {schedule!r}")
 
 
@@ -322,7 +329,8 @@ class MetaTrainer:
             n_edits = len(tuples.records)
             for group in self.optimizer.param_groups:  # every optimiser step of this batch trains at its rate
                 # base_lr: the unscheduled rate, kept in the group (and its saved state) the first time it is scaled
-                group["lr"] = group.setdefault("base_lr", group["lr"]) * lr_factor(cfg.lr_schedule, self.step, total)
+                factor = lr_factor(cfg.lr_schedule, self.step, total, cfg.warmup)
+                group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
             ref = self._reference_logits(tuples.unrel) if needs_ref else None
             # once_at_end accumulates over batches: a refused batch must not wipe (or poison) what came before
             kept = ({p: p.grad.clone() for p in editor.parameters() if p.grad is not None}

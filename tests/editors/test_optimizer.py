@@ -1,6 +1,8 @@
 """The meta-optimiser: the sliced per-tensor Adam that training uses computes what torch's multi-tensor Adam
 computes, bit for bit, on random tensors and over a real training run, so results measured with either reproduce."""
 
+import math
+
 import pytest
 import torch
 
@@ -81,11 +83,23 @@ def test_lr_factor_matches_the_schedules_by_hand():
         lr_factor("step", 1, 4)
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "linear"])
-def test_training_follows_the_lr_schedule_and_a_resumed_run_continues_it(tiny_trainer, tiny_batches, schedule):
+def test_warmup_ramps_the_first_batches_then_hands_over_to_the_schedule():
+    # warmup 0.25 of 8 batches: w = 2, factors 1/2 and 1 on the first two, then the schedule alone
+    assert [lr_factor("constant", s, 8, 0.25) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+    assert [lr_factor("linear", s, 8, 0.25) for s in range(3)] == [0.5, 0.875, 0.75]
+    # w = ceil(0.1 * 50) = 5 batches: 1/5 ... 5/5
+    assert [lr_factor("cosine", s, 50, 0.1) for s in range(5)] == pytest.approx(
+        [(s + 1) / 5 * 0.5 * (1 + math.cos(math.pi * s / 50)) for s in range(5)], abs=1e-12)
+    assert lr_factor("cosine", 7, 50, 0.1) == lr_factor("cosine", 7, 50)
+    assert [lr_factor("constant", s, 3, 1.0) for s in range(3)] == pytest.approx([1 / 3, 2 / 3, 1.0], abs=1e-12)
+
+
+@pytest.mark.parametrize("schedule,warmup", [("cosine", 0.0), ("linear", 0.0), ("cosine", 0.5)])
+def test_training_follows_the_lr_schedule_and_a_resumed_run_continues_it(tiny_trainer, tiny_batches, schedule,
+                                                                         warmup):
     batches = tiny_batches(4)
     overrides = ("editor.eta_param=log", "train.meta_lr=1e-3", "train.scalar_lr_scale=10",
-                 f"train.lr_schedule={schedule}")
+                 f"train.lr_schedule={schedule}", f"train.warmup={warmup}")
     seen = []
 
     class Rates(Callback):
@@ -95,7 +109,8 @@ def test_training_follows_the_lr_schedule_and_a_resumed_run_continues_it(tiny_tr
     trainer = tiny_trainer(*overrides)
     trainer.callbacks.append(Rates())
     trainer.train(batches, progress=False)
-    expected = [[1e-3 * lr_factor(schedule, s, 4), 1e-2 * lr_factor(schedule, s, 4)] for s in range(4)]
+    expected = [[1e-3 * lr_factor(schedule, s, 4, warmup), 1e-2 * lr_factor(schedule, s, 4, warmup)]
+                for s in range(4)]
     assert seen == [pytest.approx(e, rel=1e-12) for e in expected]
     assert seen[0] != seen[-1]  # the rate did change
 
