@@ -141,8 +141,8 @@ def build_optimizer(editor: Editor, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 def lr_factor(schedule: str, step: int, total: int, warmup: float = 0.0) -> float:
     """The factor train.lr_schedule puts on Adam's rate at training batch `step` (0-based) of `total`: 1 (constant),
-    (1 + cos(pi step / total)) / 2 (cosine) or 1 - step / total (linear); the first batch always trains at the full
-    rate, the last at a fraction 1 / total of it or less.
+    (1 + cos(pi step / total)) / 2 (cosine) or 1 - step / total (linear); without warmup the first batch trains at
+    the full rate, the last at a fraction 1 / total of it or less.
 
     warmup (train.warmup, a fraction of the run): over its first w = ceil(warmup * total) batches the factor also
     rises linearly, (step + 1) / w, so that the first batches, whose meta-gradients come from networks that have

@@ -104,12 +104,13 @@ def set_attention(model: nn.Module, choice: str = "auto") -> str:
     it). "auto": "eager" for a bf16 / fp16 model on the CPU, else the model is left as it is.
 
     Why eager there: every capture pass, and in meta-training the meta-loss pass, runs the attention backward, and
-    on the CPU PyTorch's fused SDPA kernel is slow at it in bf16. Forward + backward of one SmolLM2 attention over
-    10 prompts of 17 tokens (9 heads of 64) took 3.4 ms through SDPA and 0.8 ms as eager's matmul, fp32 softmax,
-    matmul (two threads; 8.9 vs 2.2 ms for 20 prompts of 30 tokens). In fp32 a whole SmolLM2 edit step timed within
-    1% with either, so fp32 models keep theirs (and their numerics). Eager's fp32 softmax is also the closer to the
-    fp32 model: on 60 zsRE prompts the bf16 model's next-token KL to the fp32 model was 0.0037 with eager and 0.0056
-    with SDPA. End to end: benchmarks/bench_end_to_end.py times both side by side (BENCHMARKS.md).
+    on the CPU PyTorch's fused SDPA kernel is slow at it in bf16. `python scripts/attention_check.py` times one
+    SmolLM2 attention (9 heads of 64) forward + backward: over 10 prompts of 17 tokens 3.25 ms through SDPA and
+    0.73 ms as eager's matmul, fp32 softmax, matmul in bf16 (3.9-4.8x across the shapes it times, two threads); in
+    fp32 the two differ by 0.4-1.9 ms (1.7x), so fp32 models keep their attention and their numerics. Eager's fp32
+    softmax is also the closer to the fp32 model: on 60 zsRE validation prompts the bf16 model's next-token KL to the
+    fp32 model is 0.0060 with eager and 0.0150 with SDPA (top-1 agreement 96.1% and 95.3%). End to end,
+    benchmarks/bench_end_to_end.py times the engine with both side by side (BENCHMARKS.md).
     """
     if choice not in ("auto", "eager", "sdpa"):
         raise ValueError(f"model.attention: {choice!r} is not one of 'auto', 'eager', 'sdpa'")
