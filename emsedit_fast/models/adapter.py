@@ -97,8 +97,9 @@ def promote_edited_modules(modules: Sequence[EditedModule], dtype: torch.dtype =
     return promoted
 
 
-def set_attention(model: nn.Module, choice: str = "auto") -> str:
-    """Set the attention implementation of a Hugging Face model's forward; returns the one in effect afterwards.
+def set_attention(model: nn.Module, choice: str = "auto") -> str | None:
+    """Set the attention implementation of a Hugging Face model's forward; returns the one in effect afterwards
+    (None for a model without a transformers config).
 
     choice "eager" or "sdpa": that implementation (ValueError naming `model.attention` when the model cannot take
     it). "auto": "eager" for a bf16 / fp16 model on the CPU, else the model is left as it is.
