@@ -114,6 +114,8 @@ def _run(args) -> int:
                    "train": {"batches": trainer.report.steps, "seconds": trainer.report.seconds,
                              "seconds_per_edit": trainer.report.seconds_per_edit, "skipped": trainer.report.skipped,
                              "final_loss": trainer.report.losses[-1] if trainer.report.losses else None,
+                             # the meta-loss of every training batch, in order: where a run's networks went astray
+                             "losses": list(trainer.report.losses),
                              "validation_curve": trainer.report.curve, "kept_step": trainer.report.kept_step}}
         if trainer.report.curve:
             results["learning_curve_plot"] = plot_learning_curve(trainer.report.curve, cfg.output,

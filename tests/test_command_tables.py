@@ -1,6 +1,11 @@
 """train and compare end to end on the tiny model: the table they print is the one they write, with the unedited,
 untrained, trained and baseline rows the README's tables have."""
 
+import json
+import math
+
+import torch
+
 from emsedit_fast import compare
 from emsedit_fast import train
 
@@ -27,6 +32,9 @@ def test_train_writes_the_table_it_prints(tmp_path, capsys):
     rows = _printed_rows(train, ["--n-batches", "2", "--baselines", "emsedit1"], out, capsys)
     assert rows == ["method", "unedited", "untrained", "emsedit K=2 (trained)", "EMSEdit (K=1)"]
     assert (out / "results.json").is_file() and (out / "checkpoint").is_dir()
+    losses = json.loads((out / "results.json").read_text())["train"]["losses"]
+    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert len(losses) == 2 and losses == state["report"]["losses"] and all(math.isfinite(x) for x in losses)
 
 
 def test_compare_writes_the_table_it_prints(tmp_path, capsys):
