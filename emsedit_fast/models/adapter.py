@@ -126,12 +126,15 @@ def set_attention(model: nn.Module, choice: str = "auto") -> str | None:
         choice = "eager"
     if current == choice:
         return current
-    setter = getattr(model, "set_attn_implementation", None)
-    if setter is None:
-        raise ValueError(f"model.attention: {type(model).__name__} has no set_attn_implementation, so its attention "
+    if config is None:
+        raise ValueError(f"model.attention: {type(model).__name__} has no transformers config, so its attention "
                          f"cannot be set to {choice!r}; use model.attention=auto")
+    setter = getattr(model, "set_attn_implementation", None)
     try:
-        setter(choice)
+        if setter is not None:
+            setter(choice)
+        else:  # transformers before set_attn_implementation: the attention layers read the config at every call
+            config._attn_implementation = choice
     except (ValueError, ImportError) as err:
         raise ValueError(f"model.attention: {type(model).__name__} cannot use {choice!r} attention ({err})") from err
     logger.info("attention implementation: %s (was %s)", choice, current)

@@ -261,9 +261,23 @@ def test_attention_can_be_forced_and_bad_values_are_refused():
     assert set_attention(model, "sdpa") == "sdpa"
     with pytest.raises(ValueError, match="model.attention: 'flash' is not one of"):
         set_attention(model, "flash")
-    with pytest.raises(ValueError, match="model.attention: Linear has no set_attn_implementation"):
+    with pytest.raises(ValueError, match="model.attention: Linear has no transformers config"):
         set_attention(torch.nn.Linear(2, 2), "eager")
     assert set_attention(torch.nn.Linear(2, 2), "auto") is None  # not a transformers model: left alone
+
+
+def test_attention_without_set_attn_implementation_sets_the_config(monkeypatch):
+    """transformers releases before set_attn_implementation: the choice goes to the config, which the attention
+    layers read at every call, and the model's output follows it."""
+    model = _sdpa_llama(torch.bfloat16)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    model.set_attn_implementation("eager")
+    eager_logits = model(input_ids=ids).logits
+    model.set_attn_implementation("sdpa")
+    assert not torch.equal(model(input_ids=ids).logits, eager_logits)  # bf16: the two round differently
+    monkeypatch.setattr(model, "set_attn_implementation", None, raising=False)  # as if the release had none
+    assert set_attention(model, "auto") == "eager"
+    assert torch.equal(model(input_ids=ids).logits, eager_logits)
 
 
 def test_session_applies_model_attention_and_the_edit_does_not_depend_on_it():
