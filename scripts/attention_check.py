@@ -17,8 +17,10 @@ import argparse
 import time
 
 
-def attention_timing(dtype, batch: int, tokens: int, rounds: int, heads: int = 9, head_dim: int = 64) -> dict:
-    """{"sdpa": s, "eager": s}: the best of `rounds` of forward + backward of one causal attention."""
+def attention_pair(dtype, batch: int, tokens: int, heads: int = 9, head_dim: int = 64):
+    """(sdpa, eager, (q, k, v)): two functions computing the same causal attention over fixed random q, k, v (which
+    require grad) with an additive mask, through PyTorch's SDPA kernel and as Hugging Face's eager attention does
+    (scores, fp32 softmax, weighted sum)."""
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend
@@ -35,12 +37,17 @@ def attention_timing(dtype, batch: int, tokens: int, rounds: int, heads: int = 9
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
-    def eager():  # scores, fp32 softmax, weighted sum: Hugging Face's eager attention
+    def eager():
         scores = torch.matmul(q, k.transpose(2, 3)) * scale + mask
         return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype), v)
 
+    return sdpa, eager, (q, k, v)
+
+
+def attention_timing(dtype, batch: int, tokens: int, rounds: int) -> dict:
+    """{"sdpa": s, "eager": s}: the best of `rounds` of forward + backward of one causal attention."""
     out = {}
-    for name, fn in (("sdpa", sdpa), ("eager", eager)):
+    for name, fn in zip(("sdpa", "eager"), attention_pair(dtype, batch, tokens)[:2]):
         best = float("inf")
         for r in range(rounds + 2):  # two warm-up calls
             t0 = time.perf_counter()

@@ -1,5 +1,6 @@
-"""scripts/: the install stamp behind `dev.sh train|test` skipping pip, the CUDA-build check, and gpu_check.sh's
-command line. Nothing is compiled here; `bash scripts/gpu_check.sh --dry-run` does the real CUDA build."""
+"""scripts/: the install stamp behind `dev.sh train|test` skipping pip, the CUDA-build check, gpu_check.sh's command
+line, and the two attentions attention_check.py times. Nothing is compiled here; `bash scripts/gpu_check.sh
+--dry-run` does the real CUDA build."""
 
 import importlib.util
 import os
@@ -122,3 +123,22 @@ def test_gpu_check_command_line():
     if not torch.cuda.is_available():
         gpu = subprocess.run(["bash", script], capture_output=True, text=True)
         assert gpu.returncode == 2 and "no CUDA device visible" in gpu.stderr
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 3e-2)])
+def test_attention_check_times_the_same_attention_both_ways(dtype, tol):
+    """scripts/attention_check.py: its SDPA and eager functions compute the same causal attention, forward and
+    gradients, so the timings it prints compare like with like."""
+    import torch
+
+    sdpa, eager, inputs = _script("attention_check").attention_pair(getattr(torch, dtype), batch=3, tokens=7)
+    outs, grads = [], []
+    for fn in (sdpa, eager):
+        out = fn().float()
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.square().sum(), inputs))
+    assert outs[0].abs().max() > 0.1  # a real attention output, not zeros
+    torch.testing.assert_close(outs[0], outs[1], atol=tol, rtol=tol)
+    for a, b in zip(*grads):
+        assert a.abs().max() > 0
+        torch.testing.assert_close(a.float(), b.float(), atol=10 * tol, rtol=10 * tol)
