@@ -1,9 +1,9 @@
 """Eager attention against PyTorch's SDPA kernel, the choice `model.attention auto` makes for a bf16 / fp16 model on
 the CPU (emsedit_fast.models.adapter.set_attention). Prints two tables:
 
-1. Time of one attention's forward + backward (what every capture and meta-loss pass runs), SDPA vs eager (matmul,
-   fp32 softmax, matmul, as Hugging Face's eager attention computes it), at SmolLM2's heads (9 of 64) and edit-batch
-   shapes, in bf16 and fp32; the best of --rounds.
+1. Time of one attention's forward + backward (what every capture and meta-loss pass runs) through the two functions
+   a LLaMA layer calls, transformers' SDPA and eager attention (matmul, fp32 softmax, matmul), at SmolLM2's heads
+   (9 query and 3 key/value heads of 64) and edit-batch shapes, in bf16 and fp32; the best of --rounds.
 2. How close the bf16 model's next-token distributions are to the fp32 model's with each attention, on the edit
    prompts + new answers of a records file's validation split: mean KL(fp32 || bf16) and top-1 agreement over the
    prompts' tokens.
@@ -17,29 +17,30 @@ import argparse
 import time
 
 
-def attention_pair(dtype, batch: int, tokens: int, heads: int = 9, head_dim: int = 64):
-    """(sdpa, eager, (q, k, v)): two functions computing the same causal attention over fixed random q, k, v (which
-    require grad) with an additive mask, through PyTorch's SDPA kernel and as Hugging Face's eager attention does
-    (scores, fp32 softmax, weighted sum)."""
+def attention_pair(dtype, batch: int, tokens: int, heads: int = 9, kv_heads: int = 3, head_dim: int = 64):
+    """(sdpa, eager, (q, k, v)): the two attention functions a Hugging Face LLaMA layer calls, transformers' own
+    `sdpa_attention_forward` and `eager_attention_forward` (scores, fp32 softmax, weighted sum), over fixed random q
+    (heads) and k, v (kv_heads, SmolLM2's grouped layout) that require grad, each with the causal mask the model
+    builds for it (boolean for SDPA, additive for eager). Both return (batch, tokens, heads, head_dim)."""
+    import types
+
     import torch
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend
-    from torch.nn.attention import sdpa_kernel
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.models.llama.modeling_llama import eager_attention_forward
 
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(batch, heads, tokens, head_dim, generator=gen).to(dtype).requires_grad_()
-               for _ in range(3))
-    causal = torch.ones(tokens, tokens, dtype=torch.bool).tril()
-    mask = torch.zeros(batch, 1, tokens, tokens, dtype=dtype).masked_fill(~causal, torch.finfo(dtype).min)
+    q, k, v = (torch.randn(batch, n, tokens, head_dim, generator=gen).to(dtype).requires_grad_()
+               for n in (heads, kv_heads, kv_heads))
+    causal = torch.ones(tokens, tokens, dtype=torch.bool).tril().expand(batch, 1, tokens, tokens)
+    additive = torch.zeros(batch, 1, tokens, tokens, dtype=dtype).masked_fill(~causal, torch.finfo(dtype).min)
+    layer = types.SimpleNamespace(num_key_value_groups=heads // kv_heads, training=False, is_causal=True)
     scale = head_dim ** -0.5
 
     def sdpa():
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return sdpa_attention_forward(layer, q, k, v, causal, scaling=scale)[0]
 
     def eager():
-        scores = torch.matmul(q, k.transpose(2, 3)) * scale + mask
-        return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype), v)
+        return eager_attention_forward(layer, q, k, v, additive, scaling=scale)[0]
 
     return sdpa, eager, (q, k, v)
 
@@ -94,7 +95,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    print(f"forward + backward of one attention (9 heads of 64), best of {args.rounds}, {args.threads} threads")
+    print(f"forward + backward of one attention (9 query, 3 key/value heads of 64), best of {args.rounds}, "
+          f"{args.threads} threads")
     print("| dtype | prompts x tokens | SDPA | eager | SDPA / eager |\n|---|---|---|---|---|")
     for dtype in (torch.bfloat16, torch.float32):
         for batch, tokens in ((10, 17), (20, 30), (10, 60)):

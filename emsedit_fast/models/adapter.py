@@ -106,9 +106,10 @@ def set_attention(model: nn.Module, choice: str = "auto") -> str | None:
 
     Why eager there: every capture pass, and in meta-training the meta-loss pass, runs the attention backward, and
     on the CPU PyTorch's fused SDPA kernel is slow at it in bf16. `python scripts/attention_check.py` times one
-    SmolLM2 attention (9 heads of 64) forward + backward: over 10 prompts of 17 tokens 3.25 ms through SDPA and
-    0.73 ms as eager's matmul, fp32 softmax, matmul in bf16 (3.9-4.8x across the shapes it times, two threads); in
-    fp32 the two differ by 0.4-1.9 ms (1.7x), so fp32 models keep their attention and their numerics. Eager's fp32
+    SmolLM2 attention (9 query, 3 key/value heads of 64) forward + backward through transformers' two functions:
+    over 10 prompts of 17 tokens 3.76 ms through SDPA and 0.84 ms as eager's matmul, fp32 softmax, matmul in bf16
+    (3.5-4.5x across the shapes it times, two threads); in fp32 the two differ by 0.35-1.4 ms (1.4-1.5x), so fp32
+    models keep their attention and their numerics. Eager's fp32
     softmax is also the closer to the fp32 model: on 60 zsRE validation prompts the bf16 model's next-token KL to the
     fp32 model is 0.0060 with eager and 0.0150 with SDPA (top-1 agreement 96.1% and 95.3%). End to end,
     benchmarks/bench_end_to_end.py times the engine with both side by side (BENCHMARKS.md).
@@ -138,7 +139,7 @@ def set_attention(model: nn.Module, choice: str = "auto") -> str | None:
     except (ValueError, ImportError) as err:
         raise ValueError(f"model.attention: {type(model).__name__} cannot use {choice!r} attention ({err})") from err
     logger.info("attention implementation: %s (was %s)", choice, current)
-    return model.config._attn_implementation
+    return config._attn_implementation
 
 
 def module_layout(module: nn.Module) -> tuple[int, int, bool]:
