@@ -224,14 +224,15 @@ def train(session: Session, records: list[EditRecord] | None = None, *, trainer=
         pre = protocol_pre_edit(session, valid, cfg.train.mode, n_edits, t)
 
         def validate(step):
-            m = evaluate_protocol(session, valid, cfg.train.mode, n_edits, t, pre_edit=pre, progress=False)
-            point = {"step": step, "fraction": step / len(batches),
-                     **{k: m[k] for k in ("es", "gs", "ls", "ls_gold", "ls_agree", "ps") if k in m}}
-            trainer.report.curve.append(point)
-            if cfg.train.keep == "best":
-                score = selection_score(point)
-                if trainer.best is None or score > trainer.best["score"]:
-                    trainer.best = {"step": step, "score": score, "state": session.editor.editor_state()}
+            with trainer.averaged():  # train.ema: the average is the editor the run validates and keeps
+                m = evaluate_protocol(session, valid, cfg.train.mode, n_edits, t, pre_edit=pre, progress=False)
+                point = {"step": step, "fraction": step / len(batches),
+                         **{k: m[k] for k in ("es", "gs", "ls", "ls_gold", "ls_agree", "ps") if k in m}}
+                trainer.report.curve.append(point)
+                if cfg.train.keep == "best":
+                    score = selection_score(point)
+                    if trainer.best is None or score > trainer.best["score"]:
+                        trainer.best = {"step": step, "score": score, "state": session.editor.editor_state()}
             log.info("validation after %d/%d batches: %s", step, len(batches),
                      ", ".join(f"{k}={v:.2f}" for k, v in point.items() if isinstance(v, float)))
 
@@ -248,6 +249,7 @@ def train(session: Session, records: list[EditRecord] | None = None, *, trainer=
     finally:
         if points:
             trainer.callbacks.pop()
+    trainer.use_average()
     if cfg.train.keep == "best" and trainer.best is not None:
         # the kept point's buffers hold the edit term of its training sequence: reset clears it (and restores W0)
         own = session.editor.state_dict()

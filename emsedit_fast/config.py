@@ -139,6 +139,11 @@ class TrainConfig:
     # the first fraction of the run over which that rate also rises linearly from 1 / w of it (w batches) to all
     # of it (0: no warmup)
     warmup: float = 0.0
+    # the editor the run validates and ends with: an exponential moving average of its parameters over the optimiser
+    # steps, a <- ema a + (1 - ema) theta after each step, starting from the untrained values (0: the last iterate).
+    # An average over the last ~1 / (1 - ema) steps damps the back-and-forth that single steps of Adam leave in the
+    # networks; the raw parameters keep training
+    ema: float = 0.0
     seq_optimizer_step: Literal["every_batch", "once_at_end"] = "every_batch"
     batch_step_chaining: Literal["reset", "chain"] = "reset"
     n_batches: int = 20  # training batches (sequential) or steps (batch mode); `epochs` overrides it
@@ -171,6 +176,7 @@ class TrainConfig:
         _check(self.n_batches >= 1, "train.n_batches", "must be >= 1")
         _check(self.epochs >= 0, "train.epochs", "must be >= 0")
         _check(0 <= self.warmup <= 1, "train.warmup", "must be a fraction of the run in [0, 1]")
+        _check(0 <= self.ema < 1, "train.ema", "must be a decay in [0, 1) (0: no average)")
         _check(self.retain_batches >= 0, "train.retain_batches", "must be >= 0")
         _check(self.retain_coef >= 0, "train.retain_coef", "must be >= 0")
         _check(self.edit_prompt_coef >= 0, "train.edit_prompt_coef", "must be >= 0")

@@ -19,6 +19,7 @@ Batch, per training step (one batch):
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import time
@@ -184,6 +185,8 @@ class MetaTrainer:
         self._refused: set[int] = set()  # training batches skipped in this process (never retained: not applied)
         # train.keep best: {"step", "score", "state"} of the best validation point so far (api.train fills it)
         self.best: dict | None = None
+        # train.ema: the moving average of the editor's parameters, in editor.parameters() order (None: off)
+        self.average = [p.detach().clone() for p in editor.parameters()] if cfg.ema else None
 
     # ---------------------------------------------------------------------------------------------------------------
     # losses and weight gradients
@@ -306,6 +309,40 @@ class MetaTrainer:
         self._clip()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._update_average()
+
+    @torch.no_grad()
+    def _update_average(self) -> None:
+        """a <- ema a + (1 - ema) theta for every editor parameter (train.ema), after each optimiser step."""
+        if self.average is not None:
+            for a, p in zip(self.average, self.editor.parameters()):
+                a.lerp_(p.detach(), 1.0 - self.cfg.ema)
+
+    @contextlib.contextmanager
+    def averaged(self):
+        """Within the block the editor's parameters hold the moving average (train.ema; unchanged without one); the
+        training iterate is put back afterwards, also when the block raises."""
+        if self.average is None:
+            yield
+            return
+        params = list(self.editor.parameters())
+        with torch.no_grad():
+            iterate = [p.detach().clone() for p in params]
+            for p, a in zip(params, self.average):
+                p.copy_(a)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, x in zip(params, iterate):
+                    p.copy_(x)
+
+    @torch.no_grad()
+    def use_average(self) -> None:
+        """End of training with train.ema: the editor keeps the moving average of its parameters."""
+        if self.average is not None:
+            for p, a in zip(self.editor.parameters(), self.average):
+                p.copy_(a)
 
     def _finite_grads(self) -> bool:
         return all(p.grad is None or torch.isfinite(p.grad).all() for p in self.editor.parameters())
@@ -364,6 +401,7 @@ class MetaTrainer:
         if editor.mode == "sequential" and cfg.seq_optimizer_step == "once_at_end" and todo:
             self.optimizer.step()  # the published schedule: gradients of all batches, one Adam step
             self.optimizer.zero_grad(set_to_none=True)
+            self._update_average()
         editor.reset()
         self.report.seconds += time.perf_counter() - start
         return self.report
@@ -554,6 +592,7 @@ class MetaTrainer:
                 "best": None if self.best is None else {**self.best, "state": {k: v.cpu() for k, v in
                                                                               self.best["state"].items()}},
                 "weights": [w.cpu().clone() for w in self.editor.weights()] if sequential and self.step else None,
+                "average": None if self.average is None else [a.cpu().clone() for a in self.average],
                 "recent": recent}
 
     def load_state_dict(self, state: dict) -> None:
@@ -561,6 +600,10 @@ class MetaTrainer:
         self.step = int(state["step"])
         self.report = TrainReport(**state["report"])
         self.best = state.get("best")
+        if self.average is not None and state.get("average") is not None:
+            with torch.no_grad():
+                for a, saved in zip(self.average, state["average"]):
+                    a.copy_(saved)
         if state.get("weights") is not None:
             ops.restore_(self.editor.weights(), [w.to(x.device) for w, x in zip(state["weights"],
                                                                                  self.editor.weights())])

@@ -78,3 +78,23 @@ def test_keep_best_needs_validation_points():
 
     with pytest.raises(ConfigError, match="train.keep"):
         load("emsedit", mode="sequential", overrides=["train.keep=best"])
+
+
+def test_with_ema_the_run_validates_and_ends_with_the_average():
+    torch.manual_seed(0)
+    cfg = load("emsedit", mode="sequential", overrides=[
+        "model.name=tiny-llama", "editor.rank=8", "train.n_batches=6", "train.eval_every=0.5", "train.ema=0.5",
+        "train.meta_lr=1e-3", "data.n_edits=3", "data.eval_batches=2", "train.sequence_length=3",
+        "editor.key_prior=100", "editor.edit_prior=1"])
+    session = api.open_session(cfg)
+    api.fit_key_prior(session)
+    trainer = api.train(session, progress=False)
+    params = list(session.editor.parameters())
+    assert all(torch.equal(p, a) for p, a in zip(params, trainer.average))
+    # the last validation point scored the editor the run ended with (the average, not the last iterate)
+    valid = api.load_split(session, "valid")
+    again = api.evaluate_protocol(session, valid, "sequential", 3, min(2, len(valid) // 3), progress=False)
+    assert all(again[k] == trainer.report.curve[-1][k] for k in ("es", "gs", "ls_agree"))
+    _, last, _ = _train(0)  # the same run without the average ends elsewhere
+    ended = session.editor.state_dict()
+    assert any(not torch.equal(ended[k], v) for k, v in _params(last).items())

@@ -133,3 +133,85 @@ def test_training_follows_the_lr_schedule_and_a_resumed_run_continues_it(tiny_tr
     resumed.callbacks.append(Rates())
     resumed.train(batches, progress=False)
     assert seen == [pytest.approx(e, rel=1e-12) for e in expected[2:]]
+
+
+def _record_iterates(trainer):
+    seen = []
+
+    class Iterates(Callback):  # after every batch's optimiser step
+        def on_train_step(self, trainer_, metrics):
+            seen.append([p.detach().clone() for p in trainer_.editor.parameters()])
+
+    trainer.callbacks.append(Iterates())
+    return seen
+
+
+def test_ema_follows_the_recurrence_by_hand_and_the_iterate_keeps_training(tiny_trainer, tiny_batches):
+    # a_0 = theta_0 (untrained), a_t = 0.6 a_(t-1) + 0.4 theta_t after each of the 3 optimiser steps
+    overrides = ("editor.eta_param=log", "train.meta_lr=1e-3", "train.scalar_lr_scale=10")
+    batches = tiny_batches(3)
+    trainer = tiny_trainer(*overrides, "train.ema=0.6")
+    start = [p.detach().clone() for p in trainer.editor.parameters()]
+    seen = _record_iterates(trainer)
+    trainer.train(batches, progress=False)
+    expected = start
+    for theta in seen:
+        expected = [0.6 * a + 0.4 * t for a, t in zip(expected, theta)]
+    assert all(torch.allclose(a, e, rtol=1e-6, atol=1e-7) for a, e in zip(trainer.average, expected))
+    # the average is neither the untrained editor nor the last iterate, and training ran on the iterates:
+    # the same losses and parameters as a run without the average
+    assert any(not torch.equal(a, s) for a, s in zip(trainer.average, start))
+    assert any(not torch.allclose(a, t) for a, t in zip(trainer.average, seen[-1]))
+    plain = tiny_trainer(*overrides)
+    plain.train(batches, progress=False)
+    assert plain.average is None and plain.report.losses == trainer.report.losses
+    assert all(torch.equal(p, q) for p, q in zip(plain.editor.parameters(), trainer.editor.parameters()))
+
+
+def test_averaged_swaps_the_average_in_and_puts_the_iterate_back(tiny_trainer, tiny_batches):
+    trainer = tiny_trainer("editor.eta_param=log", "train.meta_lr=1e-3", "train.ema=0.5")
+    trainer.train(tiny_batches(2), progress=False)
+    params = list(trainer.editor.parameters())
+    iterate = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError, match="inside"):
+        with trainer.averaged():
+            assert all(torch.equal(p, a) for p, a in zip(params, trainer.average))
+            raise RuntimeError("inside")
+    assert all(torch.equal(p, x) for p, x in zip(params, iterate))
+    trainer.use_average()
+    assert all(torch.equal(p, a) for p, a in zip(params, trainer.average))
+    assert any(not torch.equal(p, x) for p, x in zip(params, iterate))
+
+
+def test_ema_is_refused_outside_0_1():
+    from emsedit_fast.config import ConfigError
+    from emsedit_fast.config import load
+
+    for bad in ("1", "-0.1"):
+        with pytest.raises(ConfigError, match="train.ema"):
+            load("emsedit", mode="sequential", overrides=[f"train.ema={bad}"])
+
+
+def test_a_resumed_run_ends_with_the_uninterrupted_runs_average(tiny_trainer, tiny_batches):
+    overrides = ("editor.eta_param=log", "train.meta_lr=1e-3", "train.ema=0.7")
+    batches = tiny_batches(4)
+    whole = tiny_trainer(*overrides)
+    whole.train(batches, progress=False)
+
+    class Stop(Exception):
+        pass
+
+    class StopAfterTwo(Callback):
+        def on_train_step(self, trainer, metrics):
+            if metrics["step"] == 2:
+                raise Stop
+
+    stopped = tiny_trainer(*overrides)
+    stopped.callbacks.append(StopAfterTwo())
+    with pytest.raises(Stop):
+        stopped.train(batches, progress=False)
+    resumed = tiny_trainer(*overrides)
+    resumed.editor.load_state_dict(stopped.editor.state_dict())
+    resumed.load_state_dict(stopped.state_dict())
+    resumed.train(batches, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.average, whole.average))
