@@ -66,7 +66,8 @@ SMALL_MODEL_PROFILE = {"editor": {"rank": 256, "eta_init": 1e-3, "eta_param": "l
 # after the choice, kept its untrained editor as seed 2 did (96.5 / 77.1 / 78.2 at the end). At K = 3 training was
 # seed-fragile with every loss tried (drift penalty, KL, Adam 5e-5, c = 0.02: ES 81-95 from an untrained 94.7).
 # Measured after that choice and not taken, with the numbers in the README ("The edit term, the KL weight and a
-# slower rate at K = 4"): gamma_e 3, Adam 5e-5, the KL weight 5 or 20 and step_credit final. None gained more on
+# slower rate at K = 4"): gamma_e 3, Adam 5e-5, the KL weight 5 or 20, step_credit final, train.warmup 0.1,
+# train.max_grad_norm 0.3 and train.ema 0.95. None gained more on
 # validation than the spread between training seeds, the bar a setting here has to clear to change.
 
 # SmolLM2-135M's edited modules on zsRE: gate_proj of layers 15-19 and up_proj of 22-27, five layers later than the
