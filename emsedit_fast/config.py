@@ -62,6 +62,11 @@ class EditorConfig:
     rank: int = 256  # hypernetwork rank r (sequential step k uses floor(r / k) when rank_schedule = divide)
     step_rank: int = 0  # rank of the sequential networks of steps k >= 2 (0: the rank schedule decides)
     n_blocks: int = 4
+    # the hypernetwork blocks' first matrix A (D x r) at initialisation: "normal" N(0, 1), as published, or "fan_in"
+    # N(0, 1 / D), so that p = z0 A has unit-scale entries for normalised rows. B starts at 0 either way (the untrained
+    # network is the identity), but Adam moves each entry of B by about its rate per step, and that moves the block's
+    # output by about rate * r * |p|: sqrt(D) (46 at SmolLM2's D = 2112) times more with "normal"
+    a_init: Literal["normal", "fan_in"] = "normal"
     block_order: Literal["relu_affine", "affine_relu"] = "relu_affine"
     aggregation: Literal["ridge", "outer"] = "ridge"  # MALMEN/RLEdit/EMSEdit least squares, or MEND's sum
     eta_init: float = 1e-6

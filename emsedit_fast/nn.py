@@ -84,8 +84,11 @@ def merge_running_stats(base: dict[str, torch.Tensor], states: list[dict[str, to
 class HyperNet(nn.Module):
     """g_phi for one shape group: z0 = (x - mu) / (sigma + eps); z_b = z_{b-1} + h_b(z_{b-1}); output z_B.
 
-    Initialisation: A ~ N(0, 1), B = 0, c = 0, s = 1, t = 0, eta = eta_init, log_ridge = lambda_init, so the untrained
-    network is exactly the identity on normalised rows (docs/method.md, "Hypernetwork").
+    Initialisation: A ~ N(0, 1) (a_init "normal", as published) or N(0, 1 / D) ("fan_in"), B = 0, c = 0, s = 1,
+    t = 0, eta = eta_init, log_ridge = lambda_init, so the untrained network is exactly the identity on normalised rows
+    (docs/method.md, "Hypernetwork"). A's scale sets how far one Adam step on B moves the output: each entry of B
+    moves by about the learning rate, the output by about that times r |z0 A|, and |z0 A| ~ sqrt(D) |A_ij| for
+    unit-scale rows.
 
     eta_param "linear" learns eta itself (it may change sign, as published); "log" learns log eta (eta = e^{log eta}
     stays positive), so that Adam, which moves every parameter by about its learning rate per step whatever its scale,
@@ -94,12 +97,16 @@ class HyperNet(nn.Module):
 
     def __init__(self, d_in: int, d_out: int, n_layers: int, rank: int, n_blocks: int = 4,
                  relu_first: bool = True, eta_init: float = 1e-6, lambda_init: float = 0.0, std_floor: float = 0.0,
-                 eta_param: str = "linear", generator: torch.Generator | None = None):
+                 eta_param: str = "linear", generator: torch.Generator | None = None, a_init: str = "normal"):
         super().__init__()
         d = d_in + d_out
+        if a_init not in ("normal", "fan_in"):
+            raise ValueError(f"a_init must be 'normal' or 'fan_in', got {a_init!r}")
+        a_std = 1.0 if a_init == "normal" else d ** -0.5
         self.d_in, self.d_out, self.n_layers, self.rank, self.relu_first = d_in, d_out, n_layers, rank, relu_first
         self.stats = RunningStats(d, std_floor)
-        self.a = nn.ParameterList([nn.Parameter(torch.randn(d, rank, generator=generator)) for _ in range(n_blocks)])
+        self.a = nn.ParameterList([nn.Parameter(torch.randn(d, rank, generator=generator) * a_std)
+                                   for _ in range(n_blocks)])
         self.b = nn.ParameterList([nn.Parameter(torch.zeros(rank, d)) for _ in range(n_blocks)])
         self.c = nn.ParameterList([nn.Parameter(torch.zeros(d)) for _ in range(n_blocks)])
         self.s = nn.ParameterList([nn.Parameter(torch.ones(n_layers, d)) for _ in range(n_blocks)])

@@ -145,7 +145,8 @@ class Editor(nn.Module):
                 rank = cfg.step_rank
             nets.append(nn.ModuleList([
                 HyperNet(g.d_in, g.d_out, len(g), rank, cfg.n_blocks, cfg.block_order == "relu_affine",
-                         cfg.eta_init, cfg.lambda_init, cfg.std_floor, eta_param=cfg.eta_param, generator=gen)
+                         cfg.eta_init, cfg.lambda_init, cfg.std_floor, eta_param=cfg.eta_param, generator=gen,
+                         a_init=cfg.a_init)
                 for g in self.groups]))
         self.nets = nn.ModuleList(nets).to(device)
         self.device = device  # the hypernetworks' device; the model may live elsewhere (factors move per step)
