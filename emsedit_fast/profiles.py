@@ -68,8 +68,9 @@ SMALL_MODEL_PROFILE = {"editor": {"rank": 256, "eta_init": 1e-3, "eta_param": "l
 # Measured after that choice and not taken, with the numbers in the README ("The edit term, the KL weight and a
 # slower rate at K = 4"): gamma_e 3, Adam 5e-5, the KL weight 5 or 20, step_credit final, train.warmup 0.1,
 # train.max_grad_norm 0.3, train.ema 0.95, and editor.a_init fan_in at Adam 1e-4, 3e-4 and 1e-3 (at 1e-3 the
-# published draw of A diverges, the fan-in draw trains; over four seeds a tie with this profile after keep-best). None gained more on
-# validation than the spread between training seeds, the bar a setting here has to clear to change.
+# published draw of A diverges, the fan-in draw trains; over four seeds a tie with this profile after keep-best).
+# None gained more on validation than the spread between training seeds, the bar a setting here has to clear to
+# change.
 
 # SmolLM2-135M's edited modules on zsRE: gate_proj of layers 15-19 and up_proj of 22-27, five layers later than the
 # architecture default (LLaMA-3's list by relative depth: gate 10-14, up 17-22). On the zsRE validation part,
