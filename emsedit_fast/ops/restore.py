@@ -87,8 +87,8 @@ def check_restore_(weights, snapshots) -> bool:
     whether every snapshot has its weight's dtype and device (what the kernels copy; else the reference path widens
     or moves it).
 
-    One pass over the layers with plain comparisons: restore_ runs after every edit and undo, and at SmolLM2 shapes
-    (11 layers, about 0.6 ms of copying) a check built from one helper call per condition cost 15 us a call."""
+    One pass over the layers with plain comparisons and no helper call per condition: restore_ runs after every edit
+    and undo, and at SmolLM2 shapes (11 layers, under a millisecond of copying) the check's Python cost shows."""
     op = "restore_"
     if len(weights) != len(snapshots):
         _checks.check(False, op, f"got {len(weights)} weights but {len(snapshots)} snapshots")
