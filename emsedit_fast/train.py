@@ -116,6 +116,8 @@ def _run(args) -> int:
                              "final_loss": trainer.report.losses[-1] if trainer.report.losses else None,
                              # the meta-loss of every training batch, in order: where a run's networks went astray
                              "losses": list(trainer.report.losses),
+                             # and per MSBP step after every batch: eta and the norm of the blocks' B matrices
+                             "scales": list(trainer.report.scales),
                              "validation_curve": trainer.report.curve, "kept_step": trainer.report.kept_step}}
         if trainer.report.curve:
             results["learning_curve_plot"] = plot_learning_curve(trainer.report.curve, cfg.output,

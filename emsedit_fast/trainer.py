@@ -58,6 +58,9 @@ class TrainReport:
     edits: int = 0
     curve: list[dict] = field(default_factory=list)  # validation points during training (api.train, eval_every)
     kept_step: int | None = None  # train.keep best: the training step whose editor the run kept (0: untrained)
+    # after every training batch, per MSBP step k: the step size and the size of what the networks learnt
+    # (MetaTrainer.network_scales); where a run diverges, this says which part moved
+    scales: list[dict] = field(default_factory=list)
 
     @property
     def seconds_per_edit(self) -> float:
@@ -344,6 +347,20 @@ class MetaTrainer:
             for p, a in zip(self.editor.parameters(), self.average):
                 p.copy_(a)
 
+    def network_scales(self) -> dict:
+        """Per MSBP step k (lists of length K): "eta", the geometric mean of |eta| over its layers and shape groups,
+        and "b_norm", the Frobenius norm of all its blocks' B matrices, which start at 0 (the untrained networks are
+        the identity), so it measures how far training has moved the networks' output map."""
+        etas, b_norms = [], []
+        with torch.no_grad():
+            for nets in self.editor.nets:
+                log_eta = torch.cat([net.step_size().detach().abs().clamp_min(1e-38).log() for net in nets])
+                etas.append(float(log_eta.mean().exp()))
+                # one pass over each B without a temporary (a rank-1024 block's B is 8.6 MB)
+                b_norms.append(math.sqrt(sum(float(torch.linalg.vector_norm(b.detach())) ** 2
+                                             for net in nets for b in net.b)))
+        return {"eta": etas, "b_norm": b_norms}
+
     def _finite_grads(self) -> bool:
         return all(p.grad is None or torch.isfinite(p.grad).all() for p in self.editor.parameters())
 
@@ -391,6 +408,7 @@ class MetaTrainer:
             self.report.steps += 1
             self.report.edits += n_edits
             self.report.losses.append(loss)
+            self.report.scales.append(self.network_scales())
             if editor.mode == "sequential" and cfg.sequence_length and self.step % cfg.sequence_length == 0:
                 # the end of one lifelong sequence: the next starts from W0, as every evaluation sequence does
                 editor.reset()
@@ -588,7 +606,7 @@ class MetaTrainer:
                 "report": {"steps": self.report.steps, "skipped": self.report.skipped,
                            "losses": list(self.report.losses), "seconds": self.report.seconds,
                            "edits": self.report.edits, "curve": list(self.report.curve),
-                           "kept_step": self.report.kept_step},
+                           "kept_step": self.report.kept_step, "scales": list(self.report.scales)},
                 "best": None if self.best is None else {**self.best, "state": {k: v.cpu() for k, v in
                                                                               self.best["state"].items()}},
                 "weights": [w.cpu().clone() for w in self.editor.weights()] if sequential and self.step else None,

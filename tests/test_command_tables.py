@@ -35,6 +35,11 @@ def test_train_writes_the_table_it_prints(tmp_path, capsys):
     losses = json.loads((out / "results.json").read_text())["train"]["losses"]
     state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
     assert len(losses) == 2 and losses == state["report"]["losses"] and all(math.isfinite(x) for x in losses)
+    # per batch and MSBP step: eta near the preset's start and the B norm that training moved away from 0
+    scales = json.loads((out / "results.json").read_text())["train"]["scales"]
+    assert len(scales) == 2 and scales == state["report"]["scales"]
+    assert all(len(point["eta"]) == 2 and len(point["b_norm"]) == 2 for point in scales)
+    assert all(x > 0 for point in scales for x in point["b_norm"])
 
 
 def test_compare_writes_the_table_it_prints(tmp_path, capsys):

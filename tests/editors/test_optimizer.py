@@ -215,3 +215,17 @@ def test_a_resumed_run_ends_with_the_uninterrupted_runs_average(tiny_trainer, ti
     resumed.load_state_dict(stopped.state_dict())
     resumed.train(batches, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(resumed.average, whole.average))
+
+
+def test_network_scales_start_at_eta_init_with_b_at_zero_and_follow_training(tiny_trainer, tiny_batches):
+    trainer = tiny_trainer("editor.eta_init=1e-2", "editor.eta_param=log", "train.meta_lr=1e-3")
+    start = trainer.network_scales()
+    assert start["b_norm"] == [0.0, 0.0] and start["eta"] == pytest.approx([1e-2, 1e-2], rel=1e-6)
+    trainer.train(tiny_batches(2), progress=False)
+    assert len(trainer.report.scales) == 2
+    last = trainer.report.scales[-1]
+    by_hand = [math.sqrt(sum(float((b.detach() ** 2).sum()) for net in nets for b in net.b))
+               for nets in trainer.editor.nets]
+    etas = [math.exp(float(torch.cat([net.log_eta.detach() for net in nets]).mean())) for nets in trainer.editor.nets]
+    assert last["b_norm"] == pytest.approx(by_hand, rel=1e-6) and all(x > 0 for x in by_hand)
+    assert last["eta"] == pytest.approx(etas, rel=1e-6) and last["eta"] != start["eta"]
