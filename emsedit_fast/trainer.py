@@ -329,10 +329,8 @@ class MetaTrainer:
             yield
             return
         params = list(self.editor.parameters())
-        with torch.no_grad():
-            iterate = [p.detach().clone() for p in params]
-            for p, a in zip(params, self.average):
-                p.copy_(a)
+        iterate = [p.detach().clone() for p in params]
+        self.use_average()
         try:
             yield
         finally:

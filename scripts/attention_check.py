@@ -64,6 +64,7 @@ def closeness(data: str, n_records: int) -> dict:
     import torch
 
     from emsedit_fast.data.splits import load_split
+    from emsedit_fast.models.adapter import set_attention
     from emsedit_fast.models.smollm2 import load_model
 
     records = load_split(data, "valid")[:n_records]
@@ -76,7 +77,7 @@ def closeness(data: str, n_records: int) -> dict:
     with torch.no_grad():
         ref = reference(**enc).logits[real].float().log_softmax(-1)
         for attention in ("sdpa", "eager"):
-            model.set_attn_implementation(attention)
+            set_attention(model, attention)
             got = model(**enc).logits[real].float().log_softmax(-1)
             kl = (ref.exp() * (ref - got)).sum(-1).mean().item()
             out[attention] = (kl, (got.argmax(-1) == ref.argmax(-1)).float().mean().item())

@@ -109,10 +109,10 @@ def set_attention(model: nn.Module, choice: str = "auto") -> str | None:
     SmolLM2 attention (9 query, 3 key/value heads of 64) forward + backward through transformers' two functions:
     over 10 prompts of 17 tokens 3.76 ms through SDPA and 0.84 ms as eager's matmul, fp32 softmax, matmul in bf16
     (3.5-4.5x across the shapes it times, two threads); in fp32 the two differ by 0.35-1.4 ms (1.4-1.5x), so fp32
-    models keep their attention and their numerics. Eager's fp32
-    softmax is also the closer to the fp32 model: on 60 zsRE validation prompts the bf16 model's next-token KL to the
-    fp32 model is 0.0060 with eager and 0.0150 with SDPA (top-1 agreement 96.1% and 95.3%). End to end,
-    benchmarks/bench_end_to_end.py times the engine with both side by side (BENCHMARKS.md).
+    models keep their attention and their numerics. Eager's fp32 softmax is also the closer to the fp32 model: on 60
+    zsRE validation prompts the bf16 model's next-token KL to the fp32 model is 0.0060 with eager and 0.0150 with SDPA
+    (top-1 agreement 96.1% and 95.3%). End to end, benchmarks/bench_end_to_end.py times the engine with both side by
+    side (BENCHMARKS.md).
     """
     if choice not in ("auto", "eager", "sdpa"):
         raise ValueError(f"model.attention: {choice!r} is not one of 'auto', 'eager', 'sdpa'")

@@ -94,6 +94,25 @@ def test_warmup_ramps_the_first_batches_then_hands_over_to_the_schedule():
     assert [lr_factor("constant", s, 3, 1.0) for s in range(3)] == pytest.approx([1 / 3, 2 / 3, 1.0], abs=1e-12)
 
 
+class _Stop(Exception):
+    pass
+
+
+def _stopped_after_two(make_trainer, overrides, batches):
+    """A trainer whose run over `batches` was interrupted after its second batch (its state is what resumes)."""
+
+    class StopAfterTwo(Callback):
+        def on_train_step(self, trainer, metrics):
+            if metrics["step"] == 2:
+                raise _Stop
+
+    stopped = make_trainer(*overrides)
+    stopped.callbacks.append(StopAfterTwo())
+    with pytest.raises(_Stop):
+        stopped.train(batches, progress=False)
+    return stopped
+
+
 @pytest.mark.parametrize("schedule,warmup", [("cosine", 0.0), ("linear", 0.0), ("cosine", 0.5)])
 def test_training_follows_the_lr_schedule_and_a_resumed_run_continues_it(tiny_trainer, tiny_batches, schedule,
                                                                          warmup):
@@ -115,18 +134,7 @@ def test_training_follows_the_lr_schedule_and_a_resumed_run_continues_it(tiny_tr
     assert seen[0] != seen[-1]  # the rate did change
 
     # stopped after two batches and resumed from its state: the last two batches train at the full run's rates
-    class Stop(Exception):
-        pass
-
-    class StopAfterTwo(Callback):
-        def on_train_step(self, trainer, metrics):
-            if metrics["step"] == 2:
-                raise Stop
-
-    stopped = tiny_trainer(*overrides)
-    stopped.callbacks.append(StopAfterTwo())
-    with pytest.raises(Stop):
-        stopped.train(batches, progress=False)
+    stopped = _stopped_after_two(tiny_trainer, overrides, batches)
     resumed = tiny_trainer(*overrides)
     resumed.load_state_dict(stopped.state_dict())
     seen.clear()
@@ -198,18 +206,7 @@ def test_a_resumed_run_ends_with_the_uninterrupted_runs_average(tiny_trainer, ti
     whole = tiny_trainer(*overrides)
     whole.train(batches, progress=False)
 
-    class Stop(Exception):
-        pass
-
-    class StopAfterTwo(Callback):
-        def on_train_step(self, trainer, metrics):
-            if metrics["step"] == 2:
-                raise Stop
-
-    stopped = tiny_trainer(*overrides)
-    stopped.callbacks.append(StopAfterTwo())
-    with pytest.raises(Stop):
-        stopped.train(batches, progress=False)
+    stopped = _stopped_after_two(tiny_trainer, overrides, batches)
     resumed = tiny_trainer(*overrides)
     resumed.editor.load_state_dict(stopped.editor.state_dict())
     resumed.load_state_dict(stopped.state_dict())
