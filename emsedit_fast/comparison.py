@@ -102,8 +102,11 @@ def compare_methods(base: RunConfig, methods: list[str], *, train_records, eval_
         metrics["train_seconds_per_edit"] = trainer.report.seconds_per_edit
         metrics["train_skipped"] = trainer.report.skipped
         metrics["train_batches"] = trainer.report.steps
-        rows.append((label(method), metrics))
+        metrics["train_kept_step"] = trainer.report.kept_step
+        # a run that validates and keeps the best editor says which one it kept (it may be the untrained one)
+        name = label(method) if trainer.report.kept_step is None else f"{label(method)} ({trainer.report.outcome})"
+        rows.append((name, metrics))
         log.info("%s: %s", method, {k: round(v, 2) for k, v in metrics.items() if isinstance(v, float)})
         if on_row:
-            on_row(label(method), metrics, session, trainer)
+            on_row(name, metrics, session, trainer)
     return rows

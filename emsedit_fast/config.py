@@ -345,6 +345,15 @@ def _one_line(err: Exception) -> str:
     return " ".join(str(err).split())
 
 
+# train settings that only the sequential mode reads (TrainConfig validates them against the mode)
+SEQUENTIAL_ONLY = ("step_credit",)
+
+
+def _train_keys(values: dict) -> set[str]:
+    train = values.get("train")
+    return set(train) if isinstance(train, dict) else set()
+
+
 @functools.cache
 def editor_names() -> tuple[str, ...]:
     """The editors a config can name (EditorConfig.name's choices)."""
@@ -358,7 +367,10 @@ def load(editor: str = "emsedit", mode: str | None = None, files: list[str] = ()
 
     `defaults` may hold an "editors" section, {editor name: settings}, merged over the rest of `defaults` only when
     loading that editor: a profile's choices for one method (the CounterFact profile's KL locality loss for EMSEdit)
-    then leave the others' presets alone (RLEdit's decayed loss, MALMEN's KL weight)."""
+    then leave the others' presets alone (RLEdit's decayed loss, MALMEN's KL weight). The profiles are chosen under
+    sequential protocols: a batch-mode run drops their sequential-only settings (SEQUENTIAL_ONLY) unless a later
+    source sets them too, which then fails validation with the reason."""
+    user_train: set[str] = set()  # train keys that files, flags or overrides set
     values = preset("editor", editor)
     values.setdefault("editor", {})["name"] = values.get("editor", {}).get("name", editor)
     if mode is not None:
@@ -372,6 +384,7 @@ def load(editor: str = "emsedit", mode: str | None = None, files: list[str] = ()
                               f"{', '.join(editor_names())}")
         values = _merge(values, defaults)
         values = _merge(values, per_editor.get(values["editor"]["name"], {}))
+    from_defaults = set(values.get("train", {})) & set(SEQUENTIAL_ONLY) if defaults else set()
     for path in files:
         try:
             with open(path) as f:
@@ -385,16 +398,23 @@ def load(editor: str = "emsedit", mode: str | None = None, files: list[str] = ()
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a config file must hold a mapping")
         values = _merge(values, loaded)
+        user_train |= _train_keys(loaded)
     if extra:
         values = _merge(values, extra)
+        user_train |= _train_keys(extra)
     for text in overrides:
         path, value = parse_override(text)
+        if path[0] == "train" and len(path) == 2:
+            user_train.add(path[1])
         node = values
         for part in path[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {text!r}: {part!r} is not a section")
         node[path[-1]] = value
+    if values.get("train", {}).get("mode") == "batch":
+        for key in from_defaults - user_train:
+            del values["train"][key]
     cfg = build(RunConfig, values)
     if cfg.profile == "reference":
         cfg = apply_reference_profile(cfg)

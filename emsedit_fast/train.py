@@ -125,10 +125,7 @@ def _run(args) -> int:
         if not args.no_eval:
             trained = api.evaluate_slices(session, eval_records, cfg.train.mode, n_edits, t, slices, progress=progress)
             trained["train_seconds_per_edit"] = trainer.report.seconds_per_edit
-            kept = trainer.report.kept_step  # train.keep best: which validation point the run ended with
-            how = ("trained" if kept is None else "untrained: best on validation" if kept == 0
-                   else f"trained, kept after {kept} of {trainer.report.steps} batches")
-            rows.append((f"{cfg.editor.name} K={cfg.editor.n_steps} ({how})", trained))
+            rows.append((f"{cfg.editor.name} K={cfg.editor.n_steps} ({trainer.report.outcome})", trained))
             if baselines:
                 from emsedit_fast.comparison import compare_methods
                 from emsedit_fast.profiles import profile_defaults

@@ -66,6 +66,15 @@ class TrainReport:
     def seconds_per_edit(self) -> float:
         return self.seconds / max(self.edits, 1)
 
+    @property
+    def outcome(self) -> str:
+        """Which editor the run ended with, as a results table says it: the last one, or the validation point that
+        train.keep best kept (0: the untrained editor)."""
+        kept = self.kept_step
+        if kept is None:
+            return "trained"
+        return "untrained: best on validation" if kept == 0 else f"trained, kept after {kept} of {self.steps} batches"
+
 
 class SlicedAdam(torch.optim.Adam):
     """torch's Adam, per tensor (foreach=False), run over slices of at most `slice_numel` elements of each parameter.

@@ -30,16 +30,25 @@ def _printed_rows(command, argv: list[str], out, capsys) -> list[str]:
 def test_train_writes_the_table_it_prints(tmp_path, capsys):
     out = tmp_path / "run"
     rows = _printed_rows(train, ["--n-batches", "2", "--baselines", "emsedit1"], out, capsys)
-    assert rows == ["method", "unedited", "untrained", "emsedit K=2 (trained)", "EMSEdit (K=1)"]
+    # the main job's profile validates during training and keeps the best editor: every trained row says which
+    # validation point it kept (0 = the untrained editor)
+    assert rows[:3] == ["method", "unedited", "untrained"] and len(rows) == 5
+    results = json.loads((out / "results.json").read_text())
+    kept = results["train"]["kept_step"]
+    assert kept in (0, 1, 2) and rows[3] == "emsedit K=4 (" + (
+        "untrained: best on validation)" if kept == 0 else f"trained, kept after {kept} of 2 batches)")
+    kept = results["eval"][rows[4]]["train_kept_step"]
+    assert kept in (0, 1, 2) and rows[4].startswith("EMSEdit (K=1) (") and (kept == 0) == ("untrained" in rows[4])
     assert (out / "results.json").is_file() and (out / "checkpoint").is_dir()
     losses = json.loads((out / "results.json").read_text())["train"]["losses"]
     state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
     assert len(losses) == 2 and losses == state["report"]["losses"] and all(math.isfinite(x) for x in losses)
-    # per batch and MSBP step: eta near the preset's start and the B norm that training moved away from 0
+    # per batch and MSBP step: eta near the preset's start and the B norm that training moved away from 0; with the
+    # profile's exact credit for the last step (train.step_credit last) only step K's networks learn
     scales = json.loads((out / "results.json").read_text())["train"]["scales"]
     assert len(scales) == 2 and scales == state["report"]["scales"]
-    assert all(len(point["eta"]) == 2 and len(point["b_norm"]) == 2 for point in scales)
-    assert all(x > 0 for point in scales for x in point["b_norm"])
+    assert all(len(point["eta"]) == 4 and len(point["b_norm"]) == 4 for point in scales)  # K = 4
+    assert all(point["b_norm"][:3] == [0.0, 0.0, 0.0] and point["b_norm"][3] > 0 for point in scales)
 
 
 def test_compare_writes_the_table_it_prints(tmp_path, capsys):

@@ -100,6 +100,47 @@ def test_dataset_profile_edits_its_module_list_only_on_its_model(tmp_path):
         0].train.lr_schedule == "constant"
 
 
+def test_main_job_profile_validates_and_keeps_the_best_editor():
+    """`python -m emsedit_fast.train` with no flag (the bundled facts): SmolLM2's later MLP layers, EMSEdit at K = 4
+    with the KL meta-loss, validation during training and keep-best; its K = 1 baseline keeps everything but K."""
+    import argparse
+
+    from emsedit_fast.comparison import method_config
+    from emsedit_fast.config import add_run_arguments
+    from emsedit_fast.profiles import SMOLLM2_LATE_MLP
+    from emsedit_fast.profiles import resolve_run
+
+    parser = argparse.ArgumentParser()
+    add_run_arguments(parser)
+    parser.add_argument("--train-data")
+    cfg, plan = resolve_run(parser.parse_args([]))
+    assert (plan.name, cfg.data.train, cfg.model.modules) == ("small-bundled", "bundled", SMOLLM2_LATE_MLP)
+    assert (cfg.editor.n_steps, cfg.train.loss, cfg.train.kl_reference, cfg.train.edit_prompt_coef) == (
+        4, "kl", "original", 1.0)
+    assert (cfg.train.eval_every, cfg.train.keep, cfg.train.lr_schedule, cfg.train.n_batches) == (
+        0.5, "best", "cosine", 40)
+    k1 = method_config(cfg, "emsedit1", [], plan.defaults)
+    assert (k1.editor.n_steps, k1.editor.eta_init, k1.train.loss, k1.train.keep, k1.model.modules) == (
+        1, cfg.editor.eta_init, "kl", "best", SMOLLM2_LATE_MLP)
+
+
+def test_batch_mode_run_drops_the_profiles_sequential_only_settings():
+    """A profile chosen under a sequential protocol still serves `--mode batch`: its exact credit for the last step
+    (sequential only) falls back to the default, while the same setting given by the user is refused."""
+    from emsedit_fast.profiles import PLANS
+
+    defaults = PLANS["small-bundled"].defaults
+    assert load("emsedit", defaults=defaults).train.step_credit == "last"
+    batch = load("emsedit", mode="batch", defaults=defaults)
+    assert (batch.train.mode, batch.train.step_credit, batch.train.loss, batch.editor.n_steps) == (
+        "batch", "final", "kl", 4)                                     # the rest of the profile still applies
+    assert load("emsedit", defaults=defaults, overrides=["train.mode=batch"]).train.step_credit == "final"
+    with pytest.raises(ConfigError, match="train.step_credit"):
+        load("emsedit", mode="batch", defaults=defaults, overrides=["train.step_credit=last"])
+    with pytest.raises(ConfigError, match="train.step_credit"):
+        load("emsedit", mode="batch", defaults=defaults, extra={"train": {"step_credit": "per_step"}})
+
+
 def test_profile_settings_for_one_editor_leave_the_other_presets_alone():
     """defaults["editors"][name] applies only when loading that editor, over the rest of the defaults and under the
     command line; the CounterFact profile's KL meta-loss is EMSEdit's, while RLEdit and MALMEN keep their losses."""
