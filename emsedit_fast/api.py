@@ -140,8 +140,7 @@ def load_split(session_or_cfg, split: str, source: str | None = None) -> list[Ed
     cfg = session_or_cfg.cfg if isinstance(session_or_cfg, Session) else session_or_cfg
     if source is None:
         source = split_source(cfg, split)
-    seed = cfg.seed if source == "bundled" else cfg.data.zsre_split_seed
-    return _load(source, split, fmt=cfg.data.format, seed=seed, valid_size=cfg.data.valid_size,
+    return _load(source, split, fmt=cfg.data.format, seed=cfg.data.split_seed, valid_size=cfg.data.valid_size,
                  train_source=cfg.data.train if split == "eval" else None)
 
 

@@ -227,7 +227,11 @@ def read_meta(path: str) -> dict:
 def load_config(path: str) -> RunConfig:
     """The resolved RunConfig a checkpoint was trained with."""
     with open(os.path.join(path, "config.yaml")) as f:
-        return build(RunConfig, yaml.safe_load(f) or {})
+        values = yaml.safe_load(f) or {}
+    data = values.get("data")
+    if isinstance(data, dict) and "zsre_split_seed" in data:  # the key's name in checkpoints of earlier versions
+        data["split_seed"] = data.pop("zsre_split_seed")
+    return build(RunConfig, values)
 
 
 def _diff(saved: dict, current: dict) -> list[str]:

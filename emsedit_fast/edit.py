@@ -260,7 +260,7 @@ def _load_facts(args, cfg):
     if args.facts == "bundled":
         from emsedit_fast.data.facts import bundled_facts
 
-        return bundled_facts("eval", seed=cfg.seed)
+        return bundled_facts("eval", seed=cfg.data.split_seed)
     from emsedit_fast.data.schemas import DataError
     from emsedit_fast.data.schemas import load_records
 

@@ -144,11 +144,11 @@ VALIDATED_COSINE = {"eval_every": 0.5, "keep": "best", "lr_schedule": "cosine"}
 
 # The main job (bundled facts) takes zsRE's recipe whole: SmolLM2's later MLP layers, EMSEdit at K = 4 from eta 6e-4
 # with the KL meta-loss, validation and keep-best, the cosine rate. On the bundled validation subjects (sequential
-# 5 x 8, one slice per seed; README, "The bundled facts"), mean of ES, GS and LS-agree after keep-best at seeds 0 / 1:
-# 77.6 / 84.8, against 62.6 / 57.8 for the profile before (the architecture's layers, K = 2 from 1e-3, the drift
-# penalty; both seeds kept the untrained editor) and 67.2 / 63.2 for the recipe on the architecture's layers. Untrained,
-# the later layers alone moved ES / GS / LS-agree from 96.1 / 65.4 / 37.4 to 100.0 / 74.5 / 54.2 (K = 4, 6e-4, seed
-# 0); eta 5e-4 tied 6e-4 (78.8 / 84.6 after keep-best), so the two profiles keep one step size.
+# 5 x 8, split seed 0; README, "The bundled facts"), mean of ES, GS and LS-agree after keep-best at training seeds
+# 0 / 1: 77.6 / 77.8, against 62.6 / 62.6 for the profile before (the architecture's layers, K = 2 from 1e-3, the drift
+# penalty; both seeds kept the untrained editor) and 67.2 / 67.1 for the recipe on the architecture's layers.
+# Untrained, the later layers alone moved ES / GS / LS-agree from 96.1 / 65.4 / 37.4 to 100.0 / 74.5 / 54.2 (K = 4,
+# eta 6e-4); eta 5e-4 tied 6e-4 (78.7 / 77.4 after keep-best), so the two profiles keep one step size.
 PLANS = {
     # the main job: bundled facts, a few minutes on two CPU cores
     "small-bundled": Plan("small-bundled", _merge(SMALL_MODEL_PROFILE, {

@@ -1,6 +1,7 @@
 """The strict config loader: unknown keys, type coercion, Literal checks, ranges, presets, overrides, profiles."""
 
 import pytest
+import yaml
 
 from emsedit_fast.config import ConfigError
 from emsedit_fast.config import RunConfig
@@ -175,3 +176,30 @@ def test_profile_settings_for_one_editor_leave_the_other_presets_alone():
     assert (got["rledit"].editor.n_steps, got["rledit"].editor.eta_init, got["rledit"].editor.edit_prior) == (
         1, 1e-3, 1.0)
     assert (got["rledit"].train.loss, got["rledit"].train.edit_prompt_coef) == ("rledit_decay", 0.0)
+
+
+def test_run_seed_leaves_the_splits_alone():
+    """Every split (the bundled facts' subject groups included) follows data.split_seed, not the run's seed: runs at
+    other seeds validate and evaluate on the same records, so tuning at any seed never reads an evaluation record."""
+    from emsedit_fast import api
+
+    def ids(split, **data):
+        cfg = load("emsedit", overrides=[f"seed={data.pop('seed', 0)}"] + [f"data.{k}={v}" for k, v in data.items()])
+        return [r.case_id for r in api.load_split(cfg, split)]
+
+    for split in ("train", "valid", "eval"):
+        assert ids(split) == ids(split, seed=1) == ids(split, seed=7)
+    assert ids("eval") != ids("eval", split_seed=1)                 # the split seed does move them
+    assert not set(ids("eval")) & set(ids("valid", seed=1))         # no other run seed validates on them
+
+
+def test_checkpoint_config_of_earlier_versions_reads_zsre_split_seed(tmp_path):
+    """Checkpoints written before data.split_seed name it data.zsre_split_seed; they load with the same value."""
+    from emsedit_fast.checkpoint import load_config
+
+    values = to_dict(load("emsedit"))
+    values["data"]["zsre_split_seed"] = values["data"].pop("split_seed") + 3
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(values))
+    assert load_config(str(tmp_path)).data.split_seed == 3
+    with pytest.raises(ConfigError, match="did you mean 'split_seed'"):
+        load("emsedit", overrides=["data.zsre_split_seed=3"])
