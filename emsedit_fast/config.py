@@ -373,6 +373,7 @@ def load(editor: str = "emsedit", mode: str | None = None, files: list[str] = ()
     then leave the others' presets alone (RLEdit's decayed loss, MALMEN's KL weight). The profiles are chosen under
     sequential protocols: a batch-mode run drops their sequential-only settings (SEQUENTIAL_ONLY) unless a later
     source sets them too, which then fails validation with the reason."""
+    from_defaults: set[str] = set()  # sequential-only train keys that `defaults` set
     user_train: set[str] = set()  # train keys that files, flags or overrides set
     values = preset("editor", editor)
     values.setdefault("editor", {})["name"] = values.get("editor", {}).get("name", editor)
@@ -385,9 +386,9 @@ def load(editor: str = "emsedit", mode: str | None = None, files: list[str] = ()
         if unknown:
             raise ConfigError(f"defaults: 'editors' names unknown editor(s) {unknown}; choose from "
                               f"{', '.join(editor_names())}")
-        values = _merge(values, defaults)
-        values = _merge(values, per_editor.get(values["editor"]["name"], {}))
-    from_defaults = set(values.get("train", {})) & set(SEQUENTIAL_ONLY) if defaults else set()
+        mine = per_editor.get(values["editor"]["name"], {})
+        values = _merge(_merge(values, defaults), mine)
+        from_defaults = (_train_keys(defaults) | _train_keys(mine)) & set(SEQUENTIAL_ONLY)
     for path in files:
         try:
             with open(path) as f:

@@ -183,8 +183,8 @@ def test_run_seed_leaves_the_splits_alone():
     other seeds validate and evaluate on the same records, so tuning at any seed never reads an evaluation record."""
     from emsedit_fast import api
 
-    def ids(split, **data):
-        cfg = load("emsedit", overrides=[f"seed={data.pop('seed', 0)}"] + [f"data.{k}={v}" for k, v in data.items()])
+    def ids(split, seed=0, split_seed=0):
+        cfg = load("emsedit", overrides=[f"seed={seed}", f"data.split_seed={split_seed}"])
         return [r.case_id for r in api.load_split(cfg, split)]
 
     for split in ("train", "valid", "eval"):
