@@ -7,10 +7,11 @@
 
 The defaults for a dataset (profile, budget, protocol) come from emsedit_fast.profiles, chosen on the validation
 split carved from the training data; the evaluation split is only reported. With no argument, the main job trains
-EMSEdit (K = 2, sequential) on SmolLM2-135M-Instruct with the package's bundled facts and, at the same budget,
+EMSEdit (K = 4, sequential) on SmolLM2-135M-Instruct with the package's bundled facts and, at the same budget,
 EMSEdit trained at K = 1, MALMEN and RLEdit (--baselines), and prints one table on the held-out subjects: the unedited
-model, the untrained editor, then every trained editor. Writes results.json, results.md, a learning-curve plot
-(--eval-every) and the checkpoint of the first editor under --output.
+model, the untrained editor, then every trained editor, each saying which validation point it kept (the profiles
+validate during training and keep the best editor, the untrained one included). Writes results.json, results.md, a
+learning-curve plot (--eval-every) and the checkpoint of the first editor under --output.
 """
 
 from __future__ import annotations
