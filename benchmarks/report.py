@@ -203,11 +203,24 @@ def engine_split_section(r, name):
                          flag(f and f["vs_competent"]), flag(f and f.get("vs_competent_paired")),
                          x(f and f["vs_reference"]),
                          " / ".join(fmt_bytes(e["info"].get("peak_bytes")) if e else "–" for e in (ref, comp, f)),
+                         x(f and _peak_per_weights(f["info"])),
                          (f or comp or ref or {}).get("info", {}).get("form", "?")])
     return table(["case", "reference engine", "competent engine", "fused engine",
                   "algorithm (reference / competent)", "kernels (competent / fused)",
                   "kernels, side by side (competent / fused)", "total (reference / fused)",
-                  "peak: reference / competent / fused", "fused form"], rows)
+                  "peak: reference / competent / fused", "fused peak / edited weights", "fused form"], rows)
+
+
+_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def _peak_per_weights(info):
+    """The step's peak extra memory as a multiple of the edited weights it updates (layers x d_in x d_out values of
+    the case's dtype): what one MSBP step costs on top of the layers themselves."""
+    size = _DTYPE_BYTES.get(info.get("dtype"))
+    if info.get("peak_bytes") is None or not size or not info.get("layers"):
+        return None
+    return info["peak_bytes"] / (info["layers"] * info["d_in"] * info["d_out"] * size)
 
 
 PHASES = ("capture", "normaliser", "hypernet", "value targets", "solve", "update", "checks", "meta-loss pass",

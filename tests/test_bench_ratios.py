@@ -50,3 +50,15 @@ def test_the_report_judges_by_the_side_by_side_ratio_unless_compile_is_the_best_
     # torch.compile was faster: it cannot be timed side by side, its own ratio decides
     assert report.decisive({**e, "best_competent": "competent_compiled"}) == (0.8, "competent_compiled")
     assert report.decisive({**e, "vs_best_competent": None}) == (None, None)
+
+
+def test_the_editor_tables_state_the_step_peak_as_a_multiple_of_the_edited_weights():
+    # one LLaMA-3 gate/up layer in fp32: 4096 x 14336 x 4 B = 224 MiB; a 35.84 MiB peak is 0.16 of it
+    info = {"layers": 1, "d_in": 4096, "d_out": 14336, "dtype": "fp32", "peak_bytes": 0.16 * 4096 * 14336 * 4}
+    assert abs(report._peak_per_weights(info) - 0.16) < 1e-12
+    # bf16 halves the weights' bytes, so the same peak is twice the multiple; eleven layers divide it by eleven
+    assert abs(report._peak_per_weights({**info, "dtype": "bf16"}) - 0.32) < 1e-12
+    assert abs(report._peak_per_weights({**info, "layers": 11}) - 0.16 / 11) < 1e-12
+    # nothing measured or an unknown dtype: no ratio rather than a made-up one
+    assert report._peak_per_weights({**info, "peak_bytes": None}) is None
+    assert report._peak_per_weights({**info, "dtype": "int8"}) is None
