@@ -74,7 +74,7 @@ def test_dataset_profile_edits_its_module_list_only_on_its_model(tmp_path):
     import json
 
     from emsedit_fast.config import add_run_arguments
-    from emsedit_fast.profiles import SMOLLM2_LATE_MLP
+    from emsedit_fast.profiles import SMOLLM2_ZSRE_MLP
     from emsedit_fast.profiles import resolve_run
 
     path = tmp_path / "zsre.json"
@@ -90,11 +90,15 @@ def test_dataset_profile_edits_its_module_list_only_on_its_model(tmp_path):
         assert plan.name == "small-zsre"
         return cfg.model.modules
 
-    assert modules() == SMOLLM2_LATE_MLP and "smollm2-135m" in resolve_run(
+    assert modules() == SMOLLM2_ZSRE_MLP and "smollm2-135m" in resolve_run(
         parser.parse_args(["--train-data", str(path)]))[1].modules
     assert modules("--model", "tiny-llama") == ()                     # another model: its architecture's list
     assert modules("--set", "model.modules=[x\\.y]") == ("x\\.y",)     # the command line wins
     assert modules("--set", "model.modules=[]") == ()                 # ... also asking for the architecture's list
+    # zsRE's EMSEdit on that list: K = 4 from eta 4e-4 with the KL weight 30 (the bundled facts keep 6e-4 and 10)
+    cfg = resolve_run(parser.parse_args(["--train-data", str(path)]))[0]
+    assert (cfg.editor.n_steps, cfg.editor.eta_init, cfg.train.loss, cfg.train.loc_coef) == (4, 4e-4, "kl", 30.0)
+    assert any("down_proj" in m for m in SMOLLM2_ZSRE_MLP)
     # the profile's rate schedule, and the command line over it
     assert resolve_run(parser.parse_args(["--train-data", str(path)]))[0].train.lr_schedule == "cosine"
     assert resolve_run(parser.parse_args(["--train-data", str(path), "--set", "train.lr_schedule=constant"]))[
@@ -116,8 +120,8 @@ def test_main_job_profile_validates_and_keeps_the_best_editor():
     parser.add_argument("--train-data")
     cfg, plan = resolve_run(parser.parse_args([]))
     assert (plan.name, cfg.data.train, cfg.model.modules) == ("small-bundled", "bundled", SMOLLM2_LATE_MLP)
-    assert (cfg.editor.n_steps, cfg.train.loss, cfg.train.kl_reference, cfg.train.edit_prompt_coef) == (
-        4, "kl", "original", 1.0)
+    assert (cfg.editor.n_steps, cfg.editor.eta_init, cfg.train.loss, cfg.train.kl_reference, cfg.train.loc_coef,
+            cfg.train.edit_prompt_coef) == (4, 6e-4, "kl", "original", 10.0, 1.0)
     assert (cfg.train.eval_every, cfg.train.keep, cfg.train.lr_schedule, cfg.train.n_batches) == (
         0.5, "best", "cosine", 40)
     k1 = method_config(cfg, "emsedit1", [], plan.defaults)
@@ -168,10 +172,10 @@ def test_profile_settings_for_one_editor_leave_the_other_presets_alone():
     zs = PLANS["small-zsre"].defaults      # zsRE: EMSEdit's K, step size and meta-loss; the others keep theirs
     base = load("emsedit", defaults=zs)
     assert (base.editor.n_steps, base.editor.eta_init, base.editor.edit_prior, base.train.loss,
-            base.train.edit_prompt_coef) == (4, 6e-4, 1.0, "kl", 1.0)
+            base.train.loc_coef, base.train.edit_prompt_coef) == (4, 4e-4, 1.0, "kl", 30.0, 1.0)
     got = {m: method_config(base, m, [], zs) for m in ("emsedit1", "emsedit", "rledit")}
-    assert (got["emsedit1"].editor.n_steps, got["emsedit1"].editor.eta_init, got["emsedit1"].train.loss) == (
-        1, 6e-4, "kl")
+    assert (got["emsedit1"].editor.n_steps, got["emsedit1"].editor.eta_init, got["emsedit1"].train.loss,
+            got["emsedit1"].train.loc_coef) == (1, 4e-4, "kl", 30.0)
     assert got["emsedit"].editor.n_steps == 2
     assert (got["rledit"].editor.n_steps, got["rledit"].editor.eta_init, got["rledit"].editor.edit_prior) == (
         1, 1e-3, 1.0)
