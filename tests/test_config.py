@@ -74,7 +74,7 @@ def test_dataset_profile_edits_its_module_list_only_on_its_model(tmp_path):
     import json
 
     from emsedit_fast.config import add_run_arguments
-    from emsedit_fast.profiles import SMOLLM2_ZSRE_MLP
+    from emsedit_fast.profiles import SMOLLM2_LATE_DOWN_MLP
     from emsedit_fast.profiles import resolve_run
 
     path = tmp_path / "zsre.json"
@@ -90,15 +90,15 @@ def test_dataset_profile_edits_its_module_list_only_on_its_model(tmp_path):
         assert plan.name == "small-zsre"
         return cfg.model.modules
 
-    assert modules() == SMOLLM2_ZSRE_MLP and "smollm2-135m" in resolve_run(
+    assert modules() == SMOLLM2_LATE_DOWN_MLP and "smollm2-135m" in resolve_run(
         parser.parse_args(["--train-data", str(path)]))[1].modules
     assert modules("--model", "tiny-llama") == ()                     # another model: its architecture's list
     assert modules("--set", "model.modules=[x\\.y]") == ("x\\.y",)     # the command line wins
     assert modules("--set", "model.modules=[]") == ()                 # ... also asking for the architecture's list
-    # zsRE's EMSEdit on that list: K = 4 from eta 4e-4 with the KL weight 30 (the bundled facts keep 6e-4 and 10)
+    # zsRE's EMSEdit on that list: K = 4 from eta 4e-4 with the KL weight 30 (the bundled facts: from 3e-4)
     cfg = resolve_run(parser.parse_args(["--train-data", str(path)]))[0]
     assert (cfg.editor.n_steps, cfg.editor.eta_init, cfg.train.loss, cfg.train.loc_coef) == (4, 4e-4, "kl", 30.0)
-    assert any("down_proj" in m for m in SMOLLM2_ZSRE_MLP)
+    assert any("down_proj" in m for m in SMOLLM2_LATE_DOWN_MLP)
     # the profile's rate schedule, and the command line over it
     assert resolve_run(parser.parse_args(["--train-data", str(path)]))[0].train.lr_schedule == "cosine"
     assert resolve_run(parser.parse_args(["--train-data", str(path), "--set", "train.lr_schedule=constant"]))[
@@ -112,21 +112,21 @@ def test_main_job_profile_validates_and_keeps_the_best_editor():
 
     from emsedit_fast.comparison import method_config
     from emsedit_fast.config import add_run_arguments
-    from emsedit_fast.profiles import SMOLLM2_LATE_MLP
+    from emsedit_fast.profiles import SMOLLM2_LATE_DOWN_MLP
     from emsedit_fast.profiles import resolve_run
 
     parser = argparse.ArgumentParser()
     add_run_arguments(parser)
     parser.add_argument("--train-data")
     cfg, plan = resolve_run(parser.parse_args([]))
-    assert (plan.name, cfg.data.train, cfg.model.modules) == ("small-bundled", "bundled", SMOLLM2_LATE_MLP)
+    assert (plan.name, cfg.data.train, cfg.model.modules) == ("small-bundled", "bundled", SMOLLM2_LATE_DOWN_MLP)
     assert (cfg.editor.n_steps, cfg.editor.eta_init, cfg.train.loss, cfg.train.kl_reference, cfg.train.loc_coef,
-            cfg.train.edit_prompt_coef) == (4, 6e-4, "kl", "original", 10.0, 1.0)
+            cfg.train.edit_prompt_coef) == (4, 3e-4, "kl", "original", 30.0, 1.0)
     assert (cfg.train.eval_every, cfg.train.keep, cfg.train.lr_schedule, cfg.train.n_batches) == (
         0.5, "best", "cosine", 40)
     k1 = method_config(cfg, "emsedit1", [], plan.defaults)
     assert (k1.editor.n_steps, k1.editor.eta_init, k1.train.loss, k1.train.keep, k1.model.modules) == (
-        1, cfg.editor.eta_init, "kl", "best", SMOLLM2_LATE_MLP)
+        1, cfg.editor.eta_init, "kl", "best", SMOLLM2_LATE_DOWN_MLP)
 
 
 def test_batch_mode_run_drops_the_profiles_sequential_only_settings():
