@@ -173,13 +173,16 @@ def test_profile_settings_for_one_editor_leave_the_other_presets_alone():
     base = load("emsedit", defaults=zs)
     assert (base.editor.n_steps, base.editor.eta_init, base.editor.edit_prior, base.train.loss,
             base.train.loc_coef, base.train.edit_prompt_coef) == (4, 4e-4, 1.0, "kl", 30.0, 1.0)
-    got = {m: method_config(base, m, [], zs) for m in ("emsedit1", "emsedit", "rledit")}
+    got = {m: method_config(base, m, [], zs) for m in ("emsedit1", "emsedit", "rledit", "malmen")}
     assert (got["emsedit1"].editor.n_steps, got["emsedit1"].editor.eta_init, got["emsedit1"].train.loss,
             got["emsedit1"].train.loc_coef) == (1, 4e-4, "kl", 30.0)
     assert got["emsedit"].editor.n_steps == 2
     assert (got["rledit"].editor.n_steps, got["rledit"].editor.eta_init, got["rledit"].editor.edit_prior) == (
         1, 1e-3, 1.0)
     assert (got["rledit"].train.loss, got["rledit"].train.edit_prompt_coef) == ("rledit_decay", 0.0)
+    # MALMEN keeps its own loss and step size, with the KL weight chosen for it on the zsRE validation part
+    assert (got["malmen"].editor.n_steps, got["malmen"].editor.eta_init, got["malmen"].train.loss,
+            got["malmen"].train.loc_coef, got["malmen"].train.edit_prompt_coef) == (1, 1e-3, "kl", 30.0, 0.0)
 
 
 def test_run_seed_leaves_the_splits_alone():
