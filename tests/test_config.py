@@ -127,6 +127,11 @@ def test_main_job_profile_validates_and_keeps_the_best_editor():
     k1 = method_config(cfg, "emsedit1", [], plan.defaults)
     assert (k1.editor.n_steps, k1.editor.eta_init, k1.train.loss, k1.train.keep, k1.model.modules) == (
         1, cfg.editor.eta_init, "kl", "best", SMOLLM2_LATE_DOWN_MLP)
+    # MALMEN keeps its loss and step size with the KL weight chosen for it on that list; RLEdit keeps its preset's loss
+    malmen = method_config(cfg, "malmen", [], plan.defaults)
+    assert (malmen.editor.eta_init, malmen.train.loss, malmen.train.loc_coef, malmen.train.keep) == (
+        1e-3, "kl", 30.0, "best")
+    assert method_config(cfg, "rledit", [], plan.defaults).train.loss == "rledit_decay"
 
 
 def test_batch_mode_run_drops_the_profiles_sequential_only_settings():
