@@ -370,7 +370,7 @@ def load(editor: str = "emsedit", mode: str | None = None, files: list[str] = ()
 
     `defaults` may hold an "editors" section, {editor name: settings}, merged over the rest of `defaults` only when
     loading that editor: a profile's choices for one method (the CounterFact profile's KL locality loss for EMSEdit,
-    the zsRE and bundled profiles' KL weight for MALMEN) then leave the others' presets alone (RLEdit's decayed
+    the small-model profiles' KL weight for MALMEN) then leave the others' presets alone (RLEdit's decayed
     loss). The profiles are chosen under sequential protocols: a batch-mode run drops their sequential-only settings
     (SEQUENTIAL_ONLY) unless a later source sets them too, which then fails validation with the reason."""
     from_defaults: set[str] = set()  # sequential-only train keys that `defaults` set

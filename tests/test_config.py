@@ -172,7 +172,7 @@ def test_profile_settings_for_one_editor_leave_the_other_presets_alone():
     got = {m: method_config(base, m, [], cf).train for m in ("emsedit1", "rledit", "malmen")}
     assert (got["emsedit1"].loss, got["emsedit1"].step_credit) == ("kl", "last")
     assert (got["rledit"].loss, got["rledit"].step_credit) == ("rledit_decay", "final")
-    assert (got["malmen"].loss, got["malmen"].loc_coef, got["malmen"].step_credit) == ("kl", 0.6, "final")
+    assert (got["malmen"].loss, got["malmen"].loc_coef, got["malmen"].step_credit) == ("kl", 10.0, "final")
 
     zs = PLANS["small-zsre"].defaults      # zsRE: EMSEdit's K, step size and meta-loss; the others keep theirs
     base = load("emsedit", defaults=zs)
