@@ -138,12 +138,12 @@ def _merge(a: dict, b: dict) -> dict:
 # train.step_credit last) did: one validation slice, 91.7 / 78.7 / 72.9 from eta 6e-4 (seed 1: 94.4 / 75.9 / 75.4)
 # and 95.4 / 80.1 / 76.0 from eta 8e-4; on all four validation slices the eta 8e-4 editor scored 93.2 / 77.2 / 75.7
 # against 96.0 / 80.1 / 57.3 untrained at 6e-4 and 96.3 / 82.2 / 50.6 at 8e-4 (lowest slice ES 88.9). So the profile
-# trains that editor, for EMSEdit only (its "editors" section; MALMEN takes its own KL weight there, the other
-# methods keep their presets' losses; the drift penalty c = 0.03 applies to any run with train.loss l2). It validates
-# before, half-way through and after training and keeps the best of the three (train.keep best, mean of ES, GS and
-# LS-agree on the validation split). On zsRE validation the answer-position prior trained (gamma 100, 500 records) to 94.4 / 82.8 / 79.1 against
-# the all-token prior's 94.4 / 84.3 / 77.1: a tie within the spread of single training runs, so zsRE keeps the
-# all-token prior and the answer positions.
+# trains that editor, for EMSEdit only (its "editors" section; MALMEN takes its own KL weight there, the other methods
+# keep their presets' losses; the drift penalty c = 0.03 applies to any run with train.loss l2). It validates before,
+# half-way through and after training and keeps the best of the three (train.keep best, mean of ES, GS and LS-agree on
+# the validation split). On zsRE validation the answer-position prior trained (gamma 100, 500 records) to 94.4 / 82.8 /
+# 79.1 against the all-token prior's 94.4 / 84.3 / 77.1: a tie within the spread of single training runs, so zsRE keeps
+# the all-token prior and the answer positions.
 # EMSEdit's meta-loss on CounterFact and zsRE (see the two comments above): the KL to the unedited model on unrelated
 # prompts, weight 10 (zsRE and the bundled facts: 30, K4_EMSEDIT), in place of the drift penalty, with exact credit for
 # the last step
