@@ -4,7 +4,9 @@
     batch N            one batch of N edits applied at once
 
 Writes <output>/results.json, <output>/report.md and PNG plots (metrics against the number of edits, editing time
-per edit), and prints the table. The unedited model is always scored on the same records, next to the editor.
+per edit), and prints the table. The unedited model is always scored on the same records, next to the editor;
+--untrained adds the checkpoint's editor as it was before meta-training (same configuration and seed, networks as
+initialised), so the table says what training added on these records.
 --split valid scores the validation split (carved from the training data; what tuning reads); the default is the
 evaluation split, which is only reported.
 
@@ -42,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--offset", type=int, default=0, metavar="I",
                         help="score the split's records from the I-th on (0-based), e.g. a second slice of a split "
                              "too small for two disjoint ones")
+    parser.add_argument("--untrained", action="store_true",
+                        help="also score the checkpoint's editor untrained (its config and seed, no meta-training)")
     parser.add_argument("--curve", default="", help="also score after these batch counts, e.g. 1,2,5 (sequential)")
     parser.add_argument("--batch-size", type=int, default=16, help="evaluation forward batch size")
     parser.add_argument("--fluency-tokens", type=int, default=0, metavar="N",
@@ -67,6 +71,8 @@ def _run(args) -> int:
                         ("--batch-size", args.batch_size), ("--slices", args.slices)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.untrained and not args.checkpoint:
+        raise ValueError("--untrained needs --checkpoint (the untrained editor is built from its configuration)")
     if args.fluency_tokens < 0:
         raise ValueError(f"--fluency-tokens must be >= 0, got {args.fluency_tokens}")
     try:
@@ -103,13 +109,20 @@ def _run(args) -> int:
                                              progress=progress))]
     if meta is not None:
         k = args.steps or cfg.editor.n_steps
-        if args.slices == 1:
-            scored = api.evaluate_protocol(session, records, mode, n_edits, t, k, progress=progress,
-                                           batch_size=args.batch_size, curve_at=curve_at,
-                                           fluency_tokens=args.fluency_tokens)
-        else:
-            scored = api.evaluate_slices(session, records, mode, n_edits, t, args.slices, k, progress=progress)
-        rows.append((f"{cfg.editor.name} K={k}", scored))
+
+        def score(s):
+            if args.slices == 1:
+                return api.evaluate_protocol(s, records, mode, n_edits, t, k, progress=progress,
+                                             batch_size=args.batch_size, curve_at=curve_at,
+                                             fluency_tokens=args.fluency_tokens)
+            return api.evaluate_slices(s, records, mode, n_edits, t, args.slices, k, progress=progress)
+
+        if args.untrained:
+            # the same editor built from the same config and seed on the same (unedited) model, without the
+            # checkpoint's networks: what `train` scores as its "untrained" row before meta-training starts
+            rows.append((f"{cfg.editor.name} K={k} untrained",
+                         score(api.open_session(cfg, model=session.model, tokenizer=session.tokenizer))))
+        rows.append((f"{cfg.editor.name} K={k}", score(session)))
     shown = t if mode == "sequential" else 1
     title = (f"{cfg.model.name}, {data} ({args.split} split"
              + (f", records from {args.offset} on" if args.offset else "")

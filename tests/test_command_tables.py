@@ -80,3 +80,37 @@ def test_evaluate_offset_scores_the_records_from_that_index_on(tmp_path):
     for key in ("es", "gs", "ls_agree"):
         assert scores[4][key] == direct[key], key
     assert [r.case_id for r in records[0:4]] != [r.case_id for r in records[4:8]]
+
+
+def test_evaluate_untrained_row_is_trains_untrained_row(tmp_path):
+    """--untrained rebuilds the checkpoint's editor before meta-training: on the records `train` scored, its row is
+    train's "untrained" row, and the trained row beside it is train's trained row (both exact)."""
+    from emsedit_fast import evaluate
+
+    run = tmp_path / "run"
+    # keep the end editor (the profile's keep-best may keep the untrained one on this tiny run)
+    assert train.main(TINY + ["--n-batches", "2", "--baselines", "", "--set", "train.keep=last",
+                              "--output", str(run)]) == 0
+    trained = json.loads((run / "results.json").read_text())
+    names = list(trained["eval"])
+    slices = len(trained["eval"]["unedited"].get("slices", [None]))
+    out = tmp_path / "ev"
+    assert evaluate.main(["--checkpoint", str(run / "checkpoint"), "--no-progress", "--n-edits", "2", "--batches", "2",
+                          "--slices", str(slices), "--untrained", "--output", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert list(rows) == ["unedited", "emsedit K=4 untrained", "emsedit K=4"]
+    for key in ("es", "gs", "ls_agree"):
+        assert rows["emsedit K=4 untrained"][key] == trained["eval"]["untrained"][key], key
+        assert rows["emsedit K=4"][key] == trained["eval"][names[2]][key], key
+    # the rows are two editors, not one scored twice: training moved the networks
+    assert names[2].startswith("emsedit K=4 (trained")
+    scores = ("es", "gs", "ls", "ls_agree")
+    assert [rows["emsedit K=4 untrained"][k] for k in scores] != [rows["emsedit K=4"][k] for k in scores]
+
+
+def test_evaluate_untrained_needs_a_checkpoint(tmp_path, capsys):
+    from emsedit_fast import evaluate
+
+    assert evaluate.main(["--model", "tiny-llama", "--unedited", "--untrained", "--output", str(tmp_path / "x")]) != 0
+    assert "--untrained needs --checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # refused before anything is written
