@@ -79,14 +79,15 @@ def load_model(cfg: RunConfig):
 
 def open_session(cfg: RunConfig | None = None, *, checkpoint: str | None = None, model=None, tokenizer=None,
                  editor_device: str | torch.device | None = None, journal: str | None = None,
-                 allow_backend_change: bool = False) -> Session:
+                 allow_backend_change: bool = False, key_statistics=None) -> Session:
     """The one way to get a session: load (or take) the model, resolve the edited modules, build the editor.
 
     checkpoint: a trained editor (train's output); cfg then defaults to its config.yaml, the mode is the
     checkpoint's, and its hypernetworks, normaliser and key statistics are loaded (after checking that it was trained
     for this model). editor_device: where the hypernetworks live (default: the model's device). journal: a journal
     folder; the model is brought to the journal's state (its active edits replayed) and `edit` records every edit
-    there. An editor with a key prior and no checkpoint estimates its key statistics from the training split.
+    there. An editor with a key prior and no checkpoint estimates its key statistics from the training split, or takes
+    them from `key_statistics` (an estimated KeyPrior over the same layers, e.g. another session's editor.prior).
     """
     from emsedit_fast import checkpoint as ckpt
 
@@ -115,7 +116,10 @@ def open_session(cfg: RunConfig | None = None, *, checkpoint: str | None = None,
     if checkpoint is not None:
         ckpt.load_editor_state(checkpoint, editor)
     elif cfg.editor.key_prior > 0:
-        fit_key_prior(session)
+        if key_statistics is not None:
+            editor.prior.take_key_statistics(key_statistics)
+        else:
+            fit_key_prior(session)
     if journal is not None:
         from emsedit_fast.journal import open_journal
 

@@ -119,9 +119,11 @@ def _run(args) -> int:
 
         if args.untrained:
             # the same editor built from the same config and seed on the same (unedited) model, without the
-            # checkpoint's networks: what `train` scores as its "untrained" row before meta-training starts
-            rows.append((f"{cfg.editor.name} K={k} untrained",
-                         score(api.open_session(cfg, model=session.model, tokenizer=session.tokenizer))))
+            # checkpoint's networks: what `train` scores as its "untrained" row before meta-training starts. Its key
+            # statistics are the checkpoint's (estimated once, before training), not estimated again.
+            fresh = api.open_session(cfg, model=session.model, tokenizer=session.tokenizer,
+                                     key_statistics=session.editor.prior)
+            rows.append((f"{cfg.editor.name} K={k} untrained", score(fresh)))
         rows.append((f"{cfg.editor.name} K={k}", score(session)))
     shown = t if mode == "sequential" else 1
     title = (f"{cfg.model.name}, {data} ({args.split} split"

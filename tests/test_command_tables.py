@@ -114,3 +114,32 @@ def test_evaluate_untrained_needs_a_checkpoint(tmp_path, capsys):
     assert evaluate.main(["--model", "tiny-llama", "--unedited", "--untrained", "--output", str(tmp_path / "x")]) != 0
     assert "--untrained needs --checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # refused before anything is written
+
+
+def test_open_session_takes_key_statistics_instead_of_estimating_them(monkeypatch):
+    """open_session(key_statistics=prior) copies another editor's estimated Sigma (bit for bit, token count included)
+    and runs no capture pass for it; a prior over other layers is refused."""
+    import pytest
+
+    from emsedit_fast import api
+    from emsedit_fast.config import load
+
+    base = ["model.name=tiny-llama", "model.device=cpu", "editor.key_prior=100", "editor.rank=8"]
+    first = api.open_session(load("emsedit", overrides=base))  # estimates the statistics from the training split
+    prior = first.editor.prior
+    assert float(prior.key_tokens) > 0 and prior.key_moment_0.abs().sum() > 0
+    one_layer = "model.modules=['model\\.layers\\.0\\.mlp\\.up_proj']"
+    elsewhere = api.open_session(load("emsedit", overrides=base + [one_layer]), model=first.model,
+                                 tokenizer=first.tokenizer)
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("the key statistics were estimated again")
+
+    monkeypatch.setattr(api, "fit_key_prior", no_fit)
+    second = api.open_session(first.cfg, model=first.model, tokenizer=first.tokenizer, key_statistics=prior)
+    own = second.editor.prior
+    assert own is not prior and torch.equal(own.key_tokens, prior.key_tokens)
+    for g in range(len(prior.names)):
+        assert torch.equal(getattr(own, f"key_moment_{g}"), getattr(prior, f"key_moment_{g}"))
+    with pytest.raises(ValueError, match="cover different layers"):
+        own.take_key_statistics(elsewhere.editor.prior)

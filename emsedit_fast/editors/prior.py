@@ -68,6 +68,17 @@ class KeyPrior(nn.Module):
         self._changed()
 
     @torch.no_grad()
+    def take_key_statistics(self, other: "KeyPrior") -> None:
+        """Set Sigma of every layer (and its token count) from `other`, an estimated prior over the same layers: an
+        editor rebuilt for a model whose statistics another editor already holds needs no capture passes."""
+        if other.names != self.names:
+            raise ValueError(f"take_key_statistics: the priors cover different layers ({other.names} vs {self.names})")
+        for g in range(len(self.names)):
+            getattr(self, f"key_moment_{g}").copy_(getattr(other, f"key_moment_{g}"))
+        self.key_tokens.copy_(other.key_tokens)
+        self._changed()
+
+    @torch.no_grad()
     def set_edit_keys(self, edits: list[dict[str, torch.Tensor]], base: dict[str, torch.Tensor] | None = None) -> None:
         """E <- base + sum over `edits` (each {layer name: keys (n, d_in)}) of U^T U, accumulated in order in fp64
         (the same edits give the same bytes). No-op without an edit term."""
